@@ -1,0 +1,237 @@
+"""M2-BERT hyper-parameters, named as in the reference's `config.json` files.
+
+Field names follow the PyTorch reference (HazyResearch/m2, `bert/src/configuration_bert.py` plus the
+HF `BertConfig` fields it inherits) so that a released `config.json` maps onto `M2BertConfig` one to
+one. Fields that only m2jax has are grouped at the end and never written to `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Mapping
+
+# The tokenizer (bert-base-uncased WordPiece) has 30522 tokens; the released checkpoints pad the
+# embedding table and decoder bias to a multiple of 8 (spec section 0).
+TOKENIZER_VOCAB_SIZE = 30522
+RELEASED_VOCAB_SIZE = 30528
+
+
+@dataclasses.dataclass(frozen=True)
+class M2BertConfig:
+    """Hyper-parameters of an M2-BERT model. Defaults are M2-BERT-base 80M (spec section 1)."""
+
+    vocab_size: int = TOKENIZER_VOCAB_SIZE  # rows of the word-embedding table and decoder bias
+    hidden_size: int = 768  # H, d_model
+    num_hidden_layers: int = 12
+    intermediate_size: int = 3072  # I, width of each GLU branch
+    max_position_embeddings: int = 128  # Lmax: position table rows; inputs are padded to this
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12  # every LayerNorm except the `hyena_training_additions` one
+    hidden_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None  # None: use hidden_dropout_prob
+    initializer_range: float = 0.02  # std of Linear/Embedding init (HF BERT init)
+    pad_token_id: int = 0
+    # Sequence mixer (spec section 3).
+    long_conv_l_max: int = (
+        128  # length the implicit filters are built for (= max_position_embeddings)
+    )
+    long_conv_kernel_learning_rate: float = 1e-3  # per-group lr the yaml intends (optimizer option)
+    hyena_lr_pos_emb: float = 1e-5  # lr of the filters' positional input `z` (optimizer option)
+    hyena_w: float = 10.0  # initial Sin frequency
+    hyena_w_mod: float = 1.0  # fixed multiplier inside Sin
+    hyena_wd: float = 0.1  # weight decay of the implicit filter MLP (optimizer option)
+    hyena_emb_dim: int = 5  # width of the filters' positional input: t plus (emb_dim-1)/2 bands
+    hyena_filter_order: int = 128  # width of the implicit filter MLP
+    hyena_filter_dropout: float = (
+        0.0  # accepted for config compatibility; the reference never applies it
+    )
+    bidirectional: bool = True  # add the anti-causal kernel (spec 3.3)
+    residual_long_conv: bool = True  # second filter set on the mixer's input (spec 3.1 step 6)
+    hyena_training_additions: bool = False  # extra LayerNorm and dropouts in the mixer (spec 3.6)
+    # Dimension mixer.
+    use_glu_mlp: bool = True
+    use_monarch_mlp: bool = True  # block-diagonal GLU weights; False means dense ones
+    monarch_mlp_nblocks: int = 4
+    use_positional_encodings: bool = True  # learned absolute positions
+    # Heads.
+    num_labels: int = 2  # sequence classification; 1 means regression (STS-B)
+    pool_all: bool = False  # classification pooling: False -> first token, True -> masked mean
+    use_cls_token: bool = False  # classify the raw first-token state (no pooler dense+tanh)
+    # m2jax only (not part of config.json).
+    dtype: str = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"; params stay float32
+    long_conv_implementation: str = "fft"  # see m2jax.long_conv.IMPLEMENTATIONS
+    same_init_across_layers: bool = False  # reproduce the reference's deepcopy init quirk (spec 0)
+    # Dropout on `v` and `y` inside the mixer when hyena_training_additions is on (spec 3.6). The
+    # reference builds that dropout without passing a rate, so it is 0.0 in every released run.
+    sequence_mixer_dropout_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def num_filter_bands(self) -> int:
+        return (self.hyena_emb_dim - 1) // 2
+
+    def replace(self, **changes: Any) -> "M2BertConfig":
+        return dataclasses.replace(self, **changes)
+
+
+M2JAX_ONLY_FIELDS = (
+    "dtype",
+    "long_conv_implementation",
+    "same_init_across_layers",
+    "sequence_mixer_dropout_prob",
+)
+
+# Reference fields that select code paths m2jax does not implement, with the value it needs.
+_REQUIRED_REFERENCE_VALUES = {
+    "use_flash_mm": False,
+    "sequence_token_planting": False,
+    "attention_pooling": False,
+    "expand_positional_embeddings": False,
+}
+
+
+def _validate(cfg: M2BertConfig) -> None:
+    problems = []
+    if cfg.hidden_size % cfg.monarch_mlp_nblocks or cfg.intermediate_size % cfg.monarch_mlp_nblocks:
+        problems.append(
+            f"hidden_size ({cfg.hidden_size}) and intermediate_size ({cfg.intermediate_size}) must be "
+            f"multiples of monarch_mlp_nblocks ({cfg.monarch_mlp_nblocks})"
+        )
+    if cfg.hyena_emb_dim < 3 or cfg.hyena_emb_dim % 2 == 0:
+        problems.append(f"hyena_emb_dim must be odd and >= 3, got {cfg.hyena_emb_dim}")
+    if cfg.long_conv_l_max != cfg.max_position_embeddings:
+        problems.append(
+            f"long_conv_l_max ({cfg.long_conv_l_max}) must equal max_position_embeddings "
+            f"({cfg.max_position_embeddings}): the filters and positions cover the same length"
+        )
+    if not cfg.use_glu_mlp:
+        problems.append(
+            "use_glu_mlp=False (the plain BERT MLP) is not implemented; M2 uses the GLU"
+        )
+    if cfg.dtype not in ("float32", "bfloat16"):
+        problems.append(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.num_labels < 1:
+        problems.append(f"num_labels must be >= 1, got {cfg.num_labels}")
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "max_position_embeddings",
+        "vocab_size",
+        "hyena_filter_order",
+        "type_vocab_size",
+    ):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    if problems:
+        raise ValueError("Invalid M2BertConfig: " + "; ".join(problems))
+
+
+def config_from_dict(raw: Mapping[str, Any], **overrides: Any) -> M2BertConfig:
+    """Builds a config from a reference/HF `config.json` dict.
+
+    Unknown keys (HF bookkeeping such as `architectures`, `transformers_version`) are ignored.
+    `monarch_mixer_sequence_mixing` is forced on: HF `config.json` files of the released models omit
+    it although the models use the M2 mixer (spec section 0).
+    """
+    for key, needed in _REQUIRED_REFERENCE_VALUES.items():
+        if key in raw and bool(raw[key]) != needed:
+            raise ValueError(
+                f"config.json sets {key}={raw[key]!r}; m2jax supports only {key}={needed}"
+            )
+    if raw.get("hidden_act", "gelu") not in ("gelu", "gelu_new_erf"):
+        raise ValueError(
+            f"config.json sets hidden_act={raw['hidden_act']!r}; M2-BERT uses exact 'gelu'"
+        )
+    names = {f.name for f in dataclasses.fields(M2BertConfig)} - set(M2JAX_ONLY_FIELDS)
+    kwargs = {
+        k: raw[k] for k in names if k in raw and (raw[k] is not None or k == "classifier_dropout")
+    }
+    if "long_conv_l_max" not in raw and "max_position_embeddings" in raw:
+        kwargs["long_conv_l_max"] = raw["max_position_embeddings"]
+    if "id2label" in raw and "num_labels" not in raw:
+        kwargs["num_labels"] = len(raw["id2label"])
+    kwargs.update(overrides)
+    return M2BertConfig(**kwargs)
+
+
+def config_to_dict(cfg: M2BertConfig, architecture: str = "BertForMaskedLM") -> dict[str, Any]:
+    """The `config.json` dict the PyTorch reference reads (its field names; m2jax-only fields left out)."""
+    out = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in M2JAX_ONLY_FIELDS
+    }
+    out.update(
+        architectures=[architecture],
+        model_type="bert",
+        monarch_mixer_sequence_mixing=True,
+        hidden_act="gelu",
+        attention_probs_dropout_prob=0.0,
+        num_attention_heads=12,
+        use_flash_mm=False,
+        use_flash_fft=False,
+    )
+    return out
+
+
+def _m2_base(**overrides: Any) -> M2BertConfig:
+    return M2BertConfig(**overrides)
+
+
+def _long(max_len: int) -> M2BertConfig:
+    return M2BertConfig(
+        vocab_size=RELEASED_VOCAB_SIZE, max_position_embeddings=max_len, long_conv_l_max=max_len
+    )
+
+
+# Named model configs (spec section 1). Vocab 30522 is the tokenizer's; the released checkpoints
+# carry 30528, which `from_pretrained` reads from their config.json.
+MODEL_CONFIGS = {
+    "m2-bert-base-80m": lambda: _m2_base(),
+    "m2-bert-base-80m-released": lambda: _m2_base(
+        vocab_size=RELEASED_VOCAB_SIZE, hyena_training_additions=True
+    ),
+    "m2-bert-base-110m": lambda: _m2_base(hidden_size=960, intermediate_size=3840),
+    "m2-bert-large-260m": lambda: _m2_base(hidden_size=1536, intermediate_size=6144),
+    "m2-bert-large-341m": lambda: _m2_base(hidden_size=1792, intermediate_size=7168),
+    "m2-bert-80m-2k": lambda: _long(2048),
+    "m2-bert-80m-8k": lambda: _long(8192),
+    "m2-bert-80m-32k": lambda: _long(32768),
+    # For tests: every feature on, a few thousand parameters per layer.
+    "tiny": lambda: M2BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=16,
+        long_conv_l_max=16,
+        hyena_filter_order=8,
+    ),
+}
+
+
+def get_model_config(name: str, **overrides: Any) -> M2BertConfig:
+    """Returns the named config (see MODEL_CONFIGS), with field overrides."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"Unknown model config {name!r}; known: {sorted(MODEL_CONFIGS)}")
+    cfg = MODEL_CONFIGS[name]()
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def warn_if_shorter(seq_len: int, cfg: M2BertConfig) -> None:
+    """Warns when an input is shorter than the length the model was trained at.
+
+    The encoder has no attention mask, so padding changes the outputs of real tokens; the reference
+    always pads to `max_position_embeddings` (spec section 0).
+    """
+    if seq_len < cfg.max_position_embeddings:
+        warnings.warn(
+            f"input length {seq_len} < max_position_embeddings {cfg.max_position_embeddings}: M2-BERT "
+            "was trained on inputs padded to the full length, and its convolutions see padding, so "
+            "outputs will differ from the full-length ones",
+            stacklevel=3,
+        )

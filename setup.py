@@ -1,0 +1,41 @@
+"""m2jax: Monarch Mixer BERT (M2-BERT) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# One list per concern so that each concern's owner edits only its own line.
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "absl-py>=2.1",
+]
+DATA = [
+    "tokenizers>=0.20",
+]
+TRAIN = [
+    "orbax-checkpoint>=0.12.8",
+    "ml_collections>=1.0",
+]
+TEST = [
+    "pytest>=8.0",
+]
+
+setup(
+    name="m2jax",
+    version="0.1.0",
+    description="Monarch Mixer BERT (M2-BERT) in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["m2jax", "m2jax.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    package_data={"m2jax": ["assets/*", "data/assets/*"]},
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "train": TRAIN,
+        "test": DATA + TRAIN + TEST,
+        # Reading `pytorch_model.bin` / Composer `model.pt` checkpoints needs torch.
+        "torch": ["torch>=2.0"],
+    },
+)
