@@ -171,6 +171,11 @@ def save_pretrained(model: M2BertForMaskedLM | M2BertForSequenceClassification, 
         staged.append(tmp_config)
         with os.fdopen(fd, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        # mkstemp creates owner-only files; give them the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp in staged:
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp_weights, os.path.join(path, "model.safetensors"))
         os.replace(tmp_config, os.path.join(path, "config.json"))
     finally:

@@ -1,0 +1,101 @@
+"""Sequence mixer and GLU dimension mixer pieces (spec 3.1, 3.4, 3.6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import m2jax
+from m2jax.mixers import GLUDimensionMixer, SequenceMixer, dropout, short_causal_conv
+from m2jax.monarch import blockdiag_to_dense
+
+
+def test_short_conv_equals_torch_conv1d_semantics():
+    """Conv1d(groups=C, kernel 3, padding 2), first L outputs, written as a plain loop."""
+    rng = np.random.default_rng(0)
+    B, L, C = 2, 7, 5
+    p = rng.standard_normal((B, L, C)).astype(np.float32)
+    w = rng.standard_normal((C, 3)).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    expected = np.zeros_like(p)
+    for t in range(L):
+        for j in range(3):
+            src = t - 2 + j
+            if src >= 0:
+                expected[:, t] += w[:, j] * p[:, src]
+    expected += b
+    np.testing.assert_allclose(short_causal_conv(jnp.asarray(p), w, b), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_glu_mixer_equals_dense_computation():
+    cfg = m2jax.get_model_config("tiny")
+    mlp = GLUDimensionMixer(cfg, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((2, 16, cfg.hidden_size)).astype(np.float32)
+    W1 = np.asarray(blockdiag_to_dense(mlp.gated_layers.weight[...]))  # (2I, H)
+    W2 = np.asarray(blockdiag_to_dense(mlp.wo.weight[...]))  # (H, I)
+    g = x @ W1.T
+    I = cfg.intermediate_size
+    gelu = np.asarray(jax.nn.gelu(jnp.asarray(g[..., :I]), approximate=False))
+    o = (gelu * g[..., I:]) @ W2.T + np.asarray(mlp.wo.bias[...]) + x
+    mu, var = o.mean(-1, keepdims=True), o.var(-1, keepdims=True)
+    expected = (o - mu) / np.sqrt(var + cfg.layer_norm_eps)
+    np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_glu_uses_exact_erf_gelu():
+    x = jnp.linspace(-3, 3, 7)
+    assert not np.allclose(jax.nn.gelu(x, approximate=False), jax.nn.gelu(x, approximate=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("additions", [False, True])
+def test_sequence_mixer_same_output_for_every_long_conv_implementation(additions):
+    base = m2jax.get_model_config("tiny", hyena_training_additions=additions)
+    u = jax.random.normal(jax.random.key(0), (2, 16, base.hidden_size))
+    outs = {}
+    for impl in ("fft", "monarch", "direct"):
+        mixer = SequenceMixer(base.replace(long_conv_implementation=impl), rngs=nnx.Rngs(0))
+        outs[impl] = np.asarray(mixer(u))
+    ref = outs["direct"]
+    for impl in ("fft", "monarch"):
+        assert np.linalg.norm(outs[impl] - ref) / np.linalg.norm(ref) < 1e-5, impl
+
+
+def test_sequence_mixer_residual_long_conv_and_additions_change_the_output():
+    cfg = m2jax.get_model_config("tiny")
+    u = jax.random.normal(jax.random.key(0), (1, 16, cfg.hidden_size))
+    plain = SequenceMixer(cfg.replace(residual_long_conv=False), rngs=nnx.Rngs(0))(u)
+    residual = SequenceMixer(cfg, rngs=nnx.Rngs(0))(u)
+    additions = SequenceMixer(cfg.replace(hyena_training_additions=True), rngs=nnx.Rngs(0))(u)
+    assert not np.allclose(plain, residual) and not np.allclose(residual, additions)
+
+
+def test_sequence_mixer_is_causal_when_unidirectional():
+    # A wide init so the filters are not near zero (HF init leaves them ~1e-6).
+    cfg = m2jax.get_model_config("tiny", bidirectional=False, residual_long_conv=False,
+                                 initializer_range=0.5)
+    mixer = SequenceMixer(cfg, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.key(0), (1, 16, cfg.hidden_size))
+    u2 = u.at[:, 10:].set(0.0)
+    np.testing.assert_allclose(mixer(u)[:, :10], mixer(u2)[:, :10], rtol=1e-5, atol=1e-6)
+    bi = SequenceMixer(cfg.replace(bidirectional=True), rngs=nnx.Rngs(0))
+    assert not np.allclose(bi(u)[:, :10], bi(u2)[:, :10], atol=1e-4)
+
+
+def test_dropout_is_identity_without_rng_and_scales_kept_units():
+    x = jnp.ones((1000,))
+    assert dropout(x, 0.3, None) is x
+    y = np.asarray(dropout(x, 0.3, jax.random.key(0)))
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.05
+    np.testing.assert_allclose(y[kept], 1 / 0.7, rtol=1e-6)
+
+
+def test_mixer_dropout_only_when_rate_and_rng_given():
+    cfg = m2jax.get_model_config("tiny", hyena_training_additions=True)
+    u = jax.random.normal(jax.random.key(0), (1, 16, cfg.hidden_size))
+    inert = SequenceMixer(cfg, rngs=nnx.Rngs(0))  # the reference's rate: 0.0
+    np.testing.assert_array_equal(inert(u), inert(u, dropout_rng=jax.random.key(1)))
+    active = SequenceMixer(cfg.replace(sequence_mixer_dropout_prob=0.5), rngs=nnx.Rngs(0))
+    assert not np.allclose(active(u), active(u, dropout_rng=jax.random.key(1)))
+    np.testing.assert_array_equal(active(u), inert(u))

@@ -1,0 +1,155 @@
+"""The assembled M2-BERT models: shapes, dtypes, heads, pooling, input checks, init options."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import m2jax
+
+CFG = m2jax.get_model_config("tiny")
+
+
+def _ids(B=2, L=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, CFG.vocab_size, (B, L)).astype(np.int32)
+    types = np.zeros((B, L), np.int32)
+    types[:, L // 2:] = 1
+    return jnp.asarray(ids), jnp.asarray(types)
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    return m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
+
+
+def test_mlm_logits_shape_dtype_and_tied_decoder(mlm):
+    ids, types = _ids()
+    logits = mlm(ids, types)
+    assert logits.shape == (2, 16, CFG.vocab_size) and logits.dtype == jnp.float32
+    # Tied decoder: logits are the head's features against the word-embedding table.
+    h = mlm.bert(ids, types)
+    t = jax.nn.gelu(mlm.cls.dense(h), approximate=False)
+    t = mlm.cls.LayerNorm(t)
+    expected = t @ mlm.bert.embeddings.word_embeddings.embedding[...].T + mlm.cls.decoder_bias[...]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_params_property_lists_trainable_arrays_only(mlm):
+    assert m2jax.count_params(mlm) == sum(x.size for x in jax.tree_util.tree_leaves(mlm.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(mlm.params))
+
+
+def test_default_token_types_are_zero(mlm):
+    ids, _ = _ids()
+    np.testing.assert_array_equal(mlm(ids), mlm(ids, jnp.zeros_like(ids)))
+    assert not np.allclose(mlm(ids), mlm(ids, jnp.ones_like(ids)))
+
+
+def test_attention_mask_is_ignored_like_the_reference(mlm):
+    ids, types = _ids()
+    mask = jnp.ones_like(ids).at[:, 12:].set(0)
+    np.testing.assert_array_equal(mlm(ids, types, mask), mlm(ids, types))
+
+
+def test_pad_row_of_word_embeddings_starts_at_zero(mlm):
+    assert not np.any(np.asarray(mlm.bert.embeddings.word_embeddings.embedding[...][0]))
+
+
+def test_input_checks():
+    model = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
+    ids, _ = _ids(L=16)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(ids.at[0, 0].set(CFG.vocab_size))
+    with pytest.raises(ValueError, match="token_type_ids must lie in"):
+        model(ids, jnp.full_like(ids, 2))
+    with pytest.raises(ValueError, match="batch, length"):
+        model(ids[0])
+    with pytest.warns(UserWarning, match="padded to the full length"):
+        model(ids[:, :8])
+
+
+def test_full_length_input_does_not_warn(mlm):
+    ids, _ = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlm(ids)
+
+
+def test_dropout_only_with_rng_and_reproducible(mlm):
+    ids, types = _ids()
+    base = mlm(ids, types)
+    a = mlm(ids, types, dropout_rng=jax.random.key(1))
+    b = mlm(ids, types, dropout_rng=jax.random.key(1))
+    c = mlm(ids, types, dropout_rng=jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, base) and not np.allclose(a, c)
+
+
+def test_bf16_compute_is_close_to_float32_and_keeps_float32_params():
+    ids, types = _ids()
+    f32 = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
+    bf16 = m2jax.M2BertForMaskedLM(CFG.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(bf16.params))
+    a, b = f32(ids, types), bf16(ids, types)
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
+
+
+def test_jit_matches_eager(mlm):
+    ids, types = _ids()
+
+    @nnx.jit
+    def forward(model, ids, types):
+        return model(ids, types)
+
+    np.testing.assert_allclose(forward(mlm, ids, types), mlm(ids, types), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool_all", [False, True])
+def test_classification_pooling(pool_all):
+    cfg = CFG.replace(pool_all=pool_all, num_labels=3)
+    model = m2jax.M2BertForSequenceClassification(cfg, rngs=nnx.Rngs(0))
+    ids, types = _ids()
+    mask = jnp.ones_like(ids).at[1, 10:].set(0)
+    logits = model(ids, types, mask)
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    h = np.asarray(model.bert(ids, types))
+    m = np.asarray(mask, np.float32)[..., None]
+    p = (h * m).sum(1) / m.sum(1) if pool_all else h[:, 0]
+    pooled = np.tanh(p @ np.asarray(model.bert.pooler.kernel[...]) + np.asarray(model.bert.pooler.bias[...]))
+    np.testing.assert_allclose(model.pooled(ids, types, mask), pooled, rtol=1e-5, atol=1e-5)
+    expected = pooled @ np.asarray(model.classifier.kernel[...]) + np.asarray(model.classifier.bias[...])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # The mask matters only for mean pooling.
+    changed = not np.allclose(model(ids, types, jnp.ones_like(ids)), logits)
+    assert changed == pool_all
+
+
+def test_classification_with_raw_cls_token_has_no_pooler():
+    model = m2jax.M2BertForSequenceClassification(CFG.replace(use_cls_token=True), rngs=nnx.Rngs(0))
+    assert model.bert.pooler is None
+    ids, types = _ids()
+    np.testing.assert_allclose(model.pooled(ids, types), model.bert(ids, types)[:, 0])
+
+
+def test_regression_head_has_one_output():
+    model = m2jax.M2BertForSequenceClassification(CFG.replace(num_labels=1), rngs=nnx.Rngs(0))
+    assert model(*_ids()).shape == (2, 1)
+
+
+def test_same_init_across_layers_reproduces_the_deepcopy_quirk():
+    quirk = m2jax.M2BertForMaskedLM(CFG.replace(same_init_across_layers=True), rngs=nnx.Rngs(0))
+    indep = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
+    for model, equal in ((quirk, True), (indep, False)):
+        l0, l1 = model.bert.layers[0], model.bert.layers[1]
+        for get in (lambda l: l.mlp.gated_layers.weight, lambda l: l.attention.short_conv_weight,
+                    lambda l: l.attention.filter_fn.bias_D):
+            assert np.array_equal(get(l0)[...], get(l1)[...]) == equal
+        # Linear layers are re-initialised per layer by the HF init in both cases.
+        assert not np.array_equal(l0.attention.in_linear.kernel[...], l1.attention.in_linear.kernel[...])
