@@ -11,6 +11,7 @@ from m2jax.model import (
     abstract_model,
     count_params,
 )
+from m2jax.losses import classification_loss, mlm_loss
 from m2jax.pretrained import from_pretrained, read_state_dict, save_pretrained
 from m2jax.torch_names import StateDictMismatch, export_state_dict, import_state_dict
 
@@ -22,6 +23,7 @@ __all__ = [
     "M2BertForSequenceClassification",
     "abstract_model",
     "StateDictMismatch",
+    "classification_loss",
     "config_from_dict",
     "config_to_dict",
     "count_params",
@@ -29,6 +31,7 @@ __all__ = [
     "from_pretrained",
     "get_model_config",
     "import_state_dict",
+    "mlm_loss",
     "read_state_dict",
     "save_pretrained",
 ]
