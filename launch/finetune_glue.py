@@ -1,0 +1,41 @@
+"""GLUE fine-tuning: every task and seed of the config, MNLI before the tasks chained to it.
+
+  python launch/finetune_glue.py --config=configs/glue.py:m2_base_80m \
+      --config.init_from=/path/to/m2-bert-80M --workdir=out/glue
+
+Offline on the shipped task: --config=configs/glue.py:smoke --config.init_from=out/smoke/final.
+Results: <workdir>/results.json (task scores, mean over seeds; the GLUE average) and one
+results.json per task and seed.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from m2jax.recipes import run_glue  # noqa: E402
+from m2jax.trainer import init_distributed  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "GLUE config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "one folder per task and seed", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logging.set_verbosity(logging.INFO)
+    results = run_glue(_CONFIG.value, _WORKDIR.value)
+    print("scores: " + ", ".join(f"{k} {v:.4f}" for k, v in results["task_scores"].items()), flush=True)
+    if "glue_average" in results:
+        print(f"GLUE average {results['glue_average']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,110 @@
+"""Pure training and evaluation steps over an M2-BERT model split into (graphdef, params, consts).
+
+`train_step(state, batch) -> (state, metrics)` is what the loop jits once with explicit
+shardings. Gradient accumulation scans over microbatches, summing per-token (MLM) or per-example
+(classification) losses and their counts, so the result equals one step on the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from m2jax.losses import mlm_loss
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to continue a run exactly."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nnx.State of the model's Params
+    opt_state: Any
+    rng: jax.Array  # uint32 (2,): raw dropout key; per-step keys are folded in
+
+
+def _forward(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
+    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], dropout_rng=rng)
+
+
+def _loss_sum(task: str, logits: jax.Array, batch: Batch) -> tuple:
+    """(sum of per-item losses, number of items, number correct) for one microbatch."""
+    labels = batch["labels"]
+    if task == "mlm":
+        mean, count = mlm_loss(logits, labels)
+        correct = ((jnp.argmax(logits, -1) == labels) & (labels > 0)).sum()
+        return mean * count, count, correct.astype(jnp.float32)
+    valid = batch.get("example_mask", jnp.ones(labels.shape, jnp.int32)).astype(jnp.float32)
+    if logits.shape[-1] == 1:  # regression (STS-B)
+        per_item = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
+        correct = jnp.zeros((), jnp.float32)
+    else:
+        valid = valid * (labels >= 0)
+        safe = jnp.where(labels >= 0, labels, 0).astype(jnp.int32)
+        per_item = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+        correct = ((jnp.argmax(logits, -1) == safe) * valid).sum()
+    return (per_item * valid).sum(), valid.sum(), correct
+
+
+def make_train_step(graphdef: nnx.GraphDef, consts: nnx.State, tx: optax.GradientTransformation,
+                    task: str, accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
+    """The pure step for `task` ("mlm" or "classification") with `accum_steps` microbatches."""
+
+    def micro_grads(params, micro: Batch, rng):
+        def f(p):
+            model = nnx.merge(graphdef, p, consts)
+            total, count, correct = _loss_sum(task, _forward(model, micro, rng), micro)
+            return total, (count, correct)
+
+        (total, (count, correct)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, total, count, correct
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        step_key = jax.random.fold_in(state.rng, state.step)
+        if accum_steps == 1:
+            grads, total, count, correct = micro_grads(state.params, batch, step_key)
+        else:
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                g, t, c, k = micro_grads(state.params, mb, jax.random.fold_in(step_key, i))
+                acc_g, acc_t, acc_c, acc_k = carry
+                return (jax.tree_util.tree_map(jnp.add, acc_g, g), acc_t + t, acc_c + c, acc_k + k), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+            (grads, total, count, correct), _ = jax.lax.scan(
+                body, init, (jnp.arange(accum_steps), micro))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": total / denom, "count": count, "accuracy": correct / denom,
+                   "grad_norm": optax.global_norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, consts: nnx.State, task: str) -> Callable:
+    """`eval_step(params, batch)`: MLM -> loss sum, count, correct; classification -> also the
+    logits, for the task metrics computed on the host."""
+
+    def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
+        logits = _forward(nnx.merge(graphdef, params, consts), batch, None)
+        total, count, correct = _loss_sum(task, logits, batch)
+        out = {"loss_sum": total, "count": count, "correct": correct}
+        if task != "mlm":
+            out["logits"] = logits
+        return out
+
+    return eval_step

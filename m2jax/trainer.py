@@ -1,0 +1,277 @@
+"""The training loop for MLM pretraining and GLUE fine-tuning.
+
+The loop only moves data, logs and saves: the math is `train_step.make_train_step`, jitted once
+with explicit shardings from `sharding.py`; checkpoints go through `checkpointing.Checkpointer`.
+Config fields are documented in `configs/pretrain.py` and `configs/glue.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from m2jax import sharding as shd
+from m2jax.checkpointing import Checkpointer
+from m2jax.config import get_model_config
+from m2jax.model import M2BertForMaskedLM, M2BertForSequenceClassification, count_params
+from m2jax.optim import OptimizerConfig, learning_rate_at, make_optimizer
+from m2jax.pretrained import from_pretrained
+from m2jax.run_logging import MetricWriter, ProgressLine, training_flops_per_token, write_results
+from m2jax.train_step import TrainState, make_eval_step, make_train_step
+
+
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "example_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite; the last good checkpoint is kept."""
+
+
+class StatefulBatches(Protocol):
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """What differs between pretraining and fine-tuning, handed to `train_loop`."""
+
+    task: str  # "mlm" or "classification"
+    model: nnx.Module
+    train_batches: StatefulBatches
+    total_steps: int
+    global_batch_size: int
+    seq_len: int
+    evaluate: Callable[[Callable, Any], dict[str, float]]  # (eval_step, params) -> metrics
+
+
+def _optimizer_config(config: Any, total_steps: int) -> OptimizerConfig:
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    values = {k: v for k, v in dict(config.optimizer).items() if k in fields}
+    unknown = set(dict(config.optimizer)) - fields
+    if unknown:
+        raise ValueError(f"unknown optimizer config fields: {sorted(unknown)}")
+    return OptimizerConfig(**{**values, "total_steps": total_steps})
+
+
+def _install_sigterm_flag() -> dict:
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
+    for step, loss in pending:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"training loss is {value} at step {step}; stopping. The last checkpoint saved "
+                "before this step is kept; lower the learning rate or check the data, then resume.")
+    pending.clear()
+
+
+def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Trains `spec.model` to `spec.total_steps`, resuming from `workdir` if it holds checkpoints."""
+    os.makedirs(workdir, exist_ok=True)
+    graphdef, params, consts = nnx.split(spec.model, nnx.Param, ...)
+    opt_cfg = _optimizer_config(config, spec.total_steps)
+    tx = make_optimizer(opt_cfg, params)
+
+    param_shardings = shd.state_shardings(params, mesh)
+    const_shardings = shd.state_shardings(consts, mesh)
+    params = jax.device_put(params, param_shardings)
+    consts = jax.device_put(consts, const_shardings)
+    # Optimizer moments are laid out like their parameters; counters are replicated.
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: shd.replicated(mesh))
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state_shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
+                                 opt_state=opt_shardings, rng=shd.replicated(mesh))
+    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      opt_state=opt_state, rng=jax.random.PRNGKey(config.seed)),
+                           state_shardings)
+
+    step_fn = make_train_step(graphdef, consts, tx, spec.task, config.accum_steps)
+    batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
+    train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, consts, spec.task))
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        start, state, data_state = restored
+        spec.train_batches.set_state(data_state)
+        logging.info("resumed from step %d in %s", start, workdir)
+        print(f"resumed from step {start}", flush=True)
+
+    writer = MetricWriter(workdir)
+    n_params = count_params(spec.model)
+    progress = ProgressLine(spec.total_steps, spec.global_batch_size * spec.seq_len,
+                            training_flops_per_token(n_params, spec.model.config.hidden_size,
+                                                     spec.model.config.num_hidden_layers, spec.seq_len))
+    stop = _install_sigterm_flag()
+    pending: list[tuple[int, jax.Array]] = []
+    history: list[dict[str, float]] = []
+    eval_history: list[dict[str, float]] = []
+    step = int(state.step)
+    status = "completed"
+    t0 = time.perf_counter()
+    try:
+        while step < spec.total_steps:
+            local = next(spec.train_batches)
+            if "example_mask" not in local:
+                local = {**local, "example_mask": np.ones(len(local["input_ids"]), np.int32)}
+            batch = shd.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append((step, metrics["loss"]))
+            last = step == spec.total_steps
+            if step % config.log_every == 0 or last:
+                _check_finite(pending)
+                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars.update(progress.update(step, scalars["loss"], learning_rate_at(opt_cfg, step - 1)))
+                writer.write(step, scalars)
+                history.append({"step": step, **scalars})
+            if last or (config.eval_every and step % config.eval_every == 0):
+                ev = spec.evaluate(eval_step, state.params)
+                writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
+                eval_history.append({"step": step, **ev})
+                print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+                      flush=True)
+            preempted = stop["stop"] or ckpt.reached_preemption(step)
+            if step % config.checkpoint.every == 0 or last or preempted:
+                _check_finite(pending)
+                ckpt.save(step, state, spec.train_batches.get_state(), force=True)
+            if preempted and not last:
+                status = "preempted"
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    results = {
+        "status": status, "step": step, "total_steps": spec.total_steps, "task": spec.task,
+        "num_params": n_params, "train": history, "eval": eval_history,
+        "final_eval": eval_history[-1] if eval_history else None,
+        "wall_seconds": time.perf_counter() - t0, "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+    }
+    write_results(workdir, results)
+    spec.model = nnx.merge(graphdef, state.params, consts)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction and initialisation.
+
+
+def build_model(config: Any, task: str, mesh: jax.sharding.Mesh | None = None,
+                **model_overrides: Any) -> nnx.Module:
+    """A fresh model from the config's named model and overrides, or initialised from
+    `config.init_from` (a checkpoint directory or weights file that `from_pretrained` reads)."""
+    overrides = {**dict(config.model.overrides), **model_overrides}
+    if (mesh is not None and jax.default_backend() == "cpu"
+            and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
+            and overrides.get("long_conv_implementation", "fft") == "fft"):
+        # XLA:CPU's FFT rejects the operand layouts that fsdp/tensor partitioning produces
+        # (RET_CHECK in fft_thunk.cc); the Monarch-DFT path is all matmuls and gives the same
+        # numbers (tests/test_long_conv.py), so CPU model-parallel runs use it.
+        logging.warning("CPU mesh with fsdp/tensor axes: using the 'monarch' long convolution")
+        overrides["long_conv_implementation"] = "monarch"
+    cfg = get_model_config(config.model.name, **overrides)
+    cls = M2BertForMaskedLM if task == "mlm" else M2BertForSequenceClassification
+    model = cls(cfg, rngs=nnx.Rngs(config.seed))
+    if config.get("init_from"):
+        source = from_pretrained(config.init_from, dtype=cfg.dtype)
+        copy_encoder(source, model)
+    return model
+
+
+def copy_encoder(source: nnx.Module, target: nnx.Module) -> None:
+    """Copies embeddings and layers (and the pooler when both have one); heads stay as built.
+
+    Used to start fine-tuning from a pretrained MLM model, or from another task's fine-tuned
+    model (MNLI -> RTE/MRPC/STS-B), whose classifier has a different number of labels.
+    """
+    src, dst = source.bert, target.bert
+    problems = [f"{name}: {getattr(src.cfg, name)} != {getattr(dst.cfg, name)}"
+                for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+                             "max_position_embeddings", "hyena_filter_order",
+                             "hyena_training_additions", "residual_long_conv")
+                if getattr(src.cfg, name) != getattr(dst.cfg, name)]
+    if problems:
+        raise ValueError("cannot initialise from a checkpoint of another architecture: "
+                         + "; ".join(problems))
+    nnx.update(dst.embeddings, nnx.state(src.embeddings))
+    nnx.update(dst.layers, nnx.state(src.layers))
+    if src.pooler is not None and dst.pooler is not None:
+        nnx.update(dst.pooler, nnx.state(src.pooler))
+
+
+def init_distributed(coordinator: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+    """`jax.distributed.initialize` when this is one of several processes (flags or the usual
+    cluster environment variables); a no-op for a single process."""
+    env_multi = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                                              "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
+    if coordinator or (num_processes and num_processes > 1):
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif env_multi:
+        jax.distributed.initialize()
+
+
+class EpochBatches:
+    """Endless batches from `make_epoch(epoch)`, checkpointable as (epoch, index in epoch)."""
+
+    def __init__(self, make_epoch: Callable[[int], Iterator[dict]]):
+        self._make_epoch = make_epoch
+        self._epoch, self._index = 0, 0
+        self._it = make_epoch(0)
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            try:
+                batch = next(self._it)
+                self._index += 1
+                return batch
+            except StopIteration:
+                self._epoch, self._index = self._epoch + 1, 0
+                self._it = self._make_epoch(self._epoch)
+
+    def get_state(self) -> dict:
+        return {"epoch": self._epoch, "index": self._index}
+
+    def set_state(self, state: dict) -> None:
+        self._epoch, self._index = int(state["epoch"]), 0
+        self._it = self._make_epoch(self._epoch)
+        for _ in range(int(state["index"])):
+            next(self._it)
+        self._index = int(state["index"])
