@@ -7,19 +7,31 @@ CORE = [
     "jax>=0.10.2",
     "flax>=0.12.8",
     "optax>=0.2.8",
-    "numpy>=1.26",
+    "numpy>=2.0",
     "safetensors>=0.4",
     "absl-py>=2.1",
 ]
 DATA = [
-    "tokenizers>=0.20",
+    "tokenizers>=0.23",
+    "grain>=0.2.18",
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    # tfds builders (glue, c4) import TensorFlow; the CPU build is enough for input pipelines.
+    "tensorflow-cpu>=2.21",
 ]
 TRAIN = [
     "orbax-checkpoint>=0.12.8",
     "ml_collections>=1.0",
+    # TensorBoard event files through clu's metric writers (without them: metrics.jsonl).
+    "clu>=0.0.12",
+    "tensorboard>=2.20",
 ]
 TEST = [
     "pytest>=8.0",
+    "scikit-learn>=1.9",
+    "scipy>=1.13",
+    # v5: BertTokenizer (Rust) and BertTokenizerLegacy (Python) for the tokenizer parity test.
+    "transformers>=5.0",
 ]
 
 setup(
@@ -29,7 +41,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["m2jax", "m2jax.*", "kernels", "kernels.*"]),
     include_package_data=True,
-    package_data={"m2jax": ["assets/*", "data/assets/*"]},
+    package_data={"m2jax": ["assets/*", "data/assets/*", "data/assets/WNSENSE/*"]},
     install_requires=CORE,
     extras_require={
         "data": DATA,
