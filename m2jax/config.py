@@ -60,7 +60,10 @@ class M2BertConfig:
     use_cls_token: bool = False  # classify the raw first-token state (no pooler dense+tanh)
     # m2jax only (not part of config.json).
     dtype: str = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"; params stay float32
-    long_conv_implementation: str = "fft"  # see m2jax.long_conv.IMPLEMENTATIONS
+    # Per-conv paths m2jax.long_conv.IMPLEMENTATIONS ("fft", "monarch", "direct"), or the fused
+    # gated block of kernels.m2_long_conv_block: "pallas" (Pallas kernel, interpreted off GPU)
+    # or "auto" (the kernel on GPU, XLA FFTs on CPU/TPU); see m2jax.mixers.FUSED_BLOCK_IMPLEMENTATIONS.
+    long_conv_implementation: str = "fft"
     same_init_across_layers: bool = False  # reproduce the reference's deepcopy init quirk (spec 0)
     # Dropout on `v` and `y` inside the mixer when hyena_training_additions is on (spec 3.6). The
     # reference builds that dropout without passing a rate, so it is 0.0 in every released run.

@@ -1,0 +1,89 @@
+"""Throughput of the M2 long-conv block alone: the Pallas kernel vs the XLA path.
+
+Times `kernels.m2_long_conv_block` (gate v*x1, bidirectional long conv + D, *x2, residual long
+conv of u) at M2-BERT-base width H = 768, forward and forward+backward, with random inputs and
+Hyena-like filters. The kernel is timed only where it is compiled (GPU); in the CPU interpreter
+its time means nothing, so CPU runs time it only in `smoke` mode (to exercise the code path).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from kernels import ConvFilter, kernel_supports, m2_long_conv_block, use_interpreter
+
+
+def _inputs(batch: int, hidden: int, seq_len: int, dtype: str):
+    ks = jax.random.split(jax.random.key(seq_len), 10)
+    sig = [jax.random.normal(ks[i], (batch, hidden, seq_len), jnp.float32).astype(dtype)
+           for i in range(4)]
+    decay = jnp.exp(-jnp.arange(seq_len) / (seq_len / 8))[None, :]
+    k = lambda i: jax.random.normal(ks[i], (hidden, seq_len)) * decay / jnp.sqrt(seq_len / 8)
+    gate = ConvFilter(k(4), k(5), jax.random.normal(ks[6], (hidden,)))
+    res = ConvFilter(k(7), k(8), jax.random.normal(ks[9], (hidden,)))
+    return sig, gate, res
+
+
+def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: int, warmup: int,
+        repeats: int, smoke: bool = False, backward: bool = True,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """One row per (implementation, pass, L): median ms and tokens/ms (tokens = B * L)."""
+    rows = []
+    impls = ["xla"]
+    if common.is_gpu() or smoke:
+        impls.insert(0, "pallas")
+    passes = ["forward", "forward+backward"] if backward else ["forward"]
+    for seq_len in seq_lens:
+        batch = max(1, tokens_per_step // seq_len)
+        (x1, x2, v, u), gate, res = _inputs(batch, hidden, seq_len, dtype)
+        for impl in impls:
+            for pas in passes:
+                row: dict[str, Any] = {"implementation": impl, "pass": pas, "seq_len": seq_len,
+                                       "batch": batch, "hidden": hidden, "dtype": dtype,
+                                       "kernel_supports_L": kernel_supports(seq_len),
+                                       # An interpreted kernel's time is no kernel measurement.
+                                       "interpreted": impl == "pallas" and use_interpreter()}
+                fwd = lambda x1, x2, v, u, gate, res, impl=impl: m2_long_conv_block(
+                    x1, x2, v, gate, u, res, implementation=impl)
+                if pas == "forward":
+                    fn = jax.jit(fwd)
+                else:
+                    fn = jax.jit(jax.grad(
+                        lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5)))
+                try:
+                    if impl == "pallas" and pas == "forward":
+                        # Correct first (METHOD.md): the kernel against the XLA path, same inputs.
+                        y_k = fn(x1, x2, v, u, gate, res).astype(jnp.float32)
+                        y_x = jax.jit(functools.partial(fwd, impl="xla"))(
+                            x1, x2, v, u, gate, res).astype(jnp.float32)
+                        row["rel_err_vs_xla"] = float(jnp.linalg.norm(y_k - y_x)
+                                                      / jnp.linalg.norm(y_x))
+                    t = common.time_call(lambda: fn(x1, x2, v, u, gate, res), warmup=warmup,
+                                         repeats=repeats)
+                    row.update(t)
+                    row["tokens_per_ms"] = batch * seq_len / t["median_ms"]
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                print(f"  block {impl:6s} {pas:16s} L={seq_len:6d} B={batch:4d} "
+                      + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row["error"]),
+                      flush=True)
+                rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Kernel speed-up over XLA per (pass, L) where both ran."""
+    ms = {(r["implementation"], r["pass"], r["seq_len"]): r.get("median_ms") for r in rows}
+    out = {}
+    for (impl, pas, l), t in sorted(ms.items()):
+        x = ms.get(("xla", pas, l))
+        if impl == "pallas" and t and x:
+            out[f"pallas_speedup_{pas}_L{l}"] = x / t
+    return out

@@ -1,0 +1,48 @@
+"""The benchmark launcher runs end to end on tiny models and writes the JSON it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_writes_valid_json(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "benchmark.py"), "--smoke",
+         f"--out_dir={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["environment"]["backend"] == "cpu"
+    assert data["settings"]["smoke"] is True and data["settings"]["seq_lens"] == [128, 256]
+
+    fwd = data["forward"]
+    assert {(r["model"], r["seq_len"]) for r in fwd} == {
+        (m, l) for m in ("m2-bert-base-80m[auto]", "bert-base-transformer") for l in (128, 256)}
+    for r in fwd:
+        assert "error" not in r, r
+        assert r["tokens_per_ms"] > 0 and r["median_ms"] > 0
+        assert abs(r["tokens_per_ms"] - r["batch"] * r["seq_len"] / r["median_ms"]) < 1e-6
+        assert len(r["times_ms"]) == data["settings"]["repeats"]
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+
+    block = data["block"]
+    assert {(r["implementation"], r["pass"], r["seq_len"]) for r in block} == {
+        (i, p, l) for i in ("pallas", "xla") for p in ("forward", "forward+backward")
+        for l in (128, 256)}
+    assert all(r["interpreted"] for r in block if r["implementation"] == "pallas")
+    assert all(r["tokens_per_ms"] > 0 for r in block)
+
+    s = data["summary"]
+    ratio = s["m2_over_transformer_L128"]
+    by = {(r["model"], r["seq_len"]): r["tokens_per_ms"] for r in fwd}
+    assert abs(ratio - by[("m2-bert-base-80m[auto]", 128)] / by[("bert-base-transformer", 128)]) < 1e-9
+    assert s["m2_L8192_over_L512"] is None  # those lengths were not run
+    assert "pallas_speedup_forward_L256" in s
+    assert "Summary:" in proc.stdout and "tokens/ms" in proc.stdout
