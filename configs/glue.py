@@ -78,6 +78,7 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.accum_steps = 1
     c.log_every = 100
     c.eval_every = 0  # evaluation happens after the final step (as the reference)
+    c.eval_steps = -1  # all of each dev split
     c.optimizer = ml_collections.ConfigDict(dict(
         name="decoupled", lr=5e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=5e-6, clip_norm=None,
         warmup_fraction=0.06, final_lr_fraction=0.0, param_groups="single"))

@@ -89,7 +89,7 @@ def make_train_step(graphdef: nnx.GraphDef, consts: nnx.State, tx: optax.Gradien
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total / denom, "count": count, "accuracy": correct / denom,
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -156,7 +156,7 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
                 scalars.update(progress.update(step, scalars["loss"], learning_rate_at(opt_cfg, step - 1)))
                 writer.write(step, scalars)
                 history.append({"step": step, **scalars})
-            if last or (config.eval_every and step % config.eval_every == 0):
+            if config.eval_steps and (last or (config.eval_every and step % config.eval_every == 0)):
                 ev = spec.evaluate(eval_step, state.params)
                 writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
                 eval_history.append({"step": step, **ev})

@@ -27,7 +27,7 @@ def tiny_config(overrides: list[str]):
     o.hidden_size, o.intermediate_size, o.num_hidden_layers, o.hyena_filter_order = 32, 64, 2, 8
     o.max_position_embeddings = o.long_conv_l_max = 32
     c.global_batch_size, c.total_steps, c.log_every = 8, 6, 1
-    c.eval_every, c.eval_steps = 0, 1
+    c.eval_every, c.eval_steps = 0, 0
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
     c.data.num_threads = 0
     c.export_final = False
@@ -99,6 +99,11 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
+    if os.environ.get("M2JAX_TEST_COMPILE_CACHE"):
+        # The runs of one test session compile the same programs: share them on disk.
+        jax.config.update("jax_compilation_cache_dir", os.environ["M2JAX_TEST_COMPILE_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if args.num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
