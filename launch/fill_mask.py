@@ -10,8 +10,9 @@ import m2jax
 from m2jax.data import load_tokenizer
 from m2jax.fill_mask import fill_mask
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory or weights file",
-                                  required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "checkpoint directory or weights file", required=True
+)
 _TEXT = flags.DEFINE_string("text", "The capital of France is [MASK].", "text with [MASK] tokens")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "predictions to print per [MASK]")
 

@@ -15,25 +15,27 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from m2jax.recipes import run_pretraining  # noqa: E402
-from m2jax.trainer import init_distributed  # noqa: E402
+from launch.distributed_flags import init_distributed_from_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events, results.json",
-                               required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "pretraining config file", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "checkpoints, TensorBoard events, results.json", required=True
+)
 
 
 def main(argv: list[str]) -> None:
     del argv
-    init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    init_distributed_from_flags()
     logging.set_verbosity(logging.INFO)
     results = run_pretraining(_CONFIG.value, _WORKDIR.value)
     final = {k: v for k, v in (results["final_eval"] or {}).items() if k != "step"}
-    print(f"done: {results['status']} at step {results['step']}; "
-          + ", ".join(f"{k} {v:.4f}" for k, v in final.items()), flush=True)
+    print(
+        f"done: {results['status']} at step {results['step']}; "
+        + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

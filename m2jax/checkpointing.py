@@ -24,21 +24,29 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_every),
-                policies.PreemptionCheckpointingPolicy(),
-            ]),
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_every),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
             preservation_policy=policies.LatestN(keep),
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._directory = directory
-        self._manager = ocp.CheckpointManager(directory, options=options)
+        # orbax requires absolute paths (a relative --workdir is common on the command line).
+        self._directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(self._directory, options=options)
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Saves when the policy says so (or `force`); returns whether a save started."""
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            ),
+            force=force,
+        )
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -54,13 +62,22 @@ class Checkpointer:
         found = None
         for step in reversed(self.all_steps()):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
                 found = step, restored.state, restored.data
                 break
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                logging.warning("checkpoint at step %d could not be restored (%s: %s); trying the "
-                                "previous one", step, type(e).__name__, e)
+                logging.warning(
+                    "checkpoint at step %d could not be restored (%s: %s); trying the "
+                    "previous one",
+                    step,
+                    type(e).__name__,
+                    e,
+                )
                 bad.append(step)
         if bad:
             self._set_aside(bad)

@@ -20,8 +20,9 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-def fill_mask(model: M2BertForMaskedLM, tokenizer: Tokenizer, text: str,
-              top_k: int = 5) -> list[list[tuple[str, float]]]:
+def fill_mask(
+    model: M2BertForMaskedLM, tokenizer: Tokenizer, text: str, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
     """Top-`top_k` (token, probability) for each `[MASK]` in `text`, in order of appearance.
 
     The text is padded to the model's full length, as the reference always does. Predictions are

@@ -43,17 +43,25 @@ def positional_features(max_len: int, emb_dim: int) -> np.ndarray:
     )
 
 
-def decay_rates(hidden: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5,
-                target: float = 1e-2) -> np.ndarray:
+def decay_rates(
+    hidden: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2
+) -> np.ndarray:
     """`deltas`, float32 (H,): channel c decays to `target` after a fraction of the length that
     goes linearly from `slow_decay_pct` (c = 0) to `fast_decay_pct` (c = H - 1)."""
     return np.linspace(
-        math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct, hidden, dtype=np.float32
+        math.log(target) / slow_decay_pct,
+        math.log(target) / fast_decay_pct,
+        hidden,
+        dtype=np.float32,
     )
 
 
-def sine_mlp(z_LxE: jax.Array, layers: list[tuple[jax.Array, jax.Array | None]],
-             freq_O: jax.Array, w_mod: float) -> jax.Array:
+def sine_mlp(
+    z_LxE: jax.Array,
+    layers: list[tuple[jax.Array, jax.Array | None]],
+    freq_O: jax.Array,
+    w_mod: float,
+) -> jax.Array:
     """The implicit filter MLP: Dense, then `sin(w_mod * freq * x)` after every Dense but the last.
 
     Args:
@@ -102,8 +110,10 @@ class HyenaFilterSet(nnx.Module):
     def _kernel(self, mlp: nnx.List, seq_len: int) -> jax.Array:
         z_LxE = self.z[...][:seq_len].astype(self.dtype)
         layers = [
-            (lin.kernel[...].astype(self.dtype),
-             None if lin.bias is None else lin.bias[...].astype(self.dtype))
+            (
+                lin.kernel[...].astype(self.dtype),
+                None if lin.bias is None else lin.bias[...].astype(self.dtype),
+            )
             for lin in mlp
         ]
         h_LxH = sine_mlp(z_LxE, layers, self.freq[...].astype(self.dtype), self.w_mod)
@@ -122,13 +132,26 @@ class HyenaFilterSet(nnx.Module):
         return self._kernel(self.mlp_fwd, seq_len), k_rev
 
 
-def _make_mlp(emb_dim: int, order: int, hidden: int, cfg: M2BertConfig,
-              rngs: nnx.Rngs) -> nnx.List:
+def _make_mlp(emb_dim: int, order: int, hidden: int, cfg: M2BertConfig, rngs: nnx.Rngs) -> nnx.List:
     # The reference's HF init re-initialises these nn.Linear layers: N(0, initializer_range), bias 0.
     init = nnx.initializers.normal(cfg.initializer_range)
-    dims = [(emb_dim, order, True), (order, order, True), (order, order, True), (order, hidden, False)]
-    return nnx.List([
-        nnx.Linear(i, o, use_bias=b, kernel_init=init, bias_init=nnx.initializers.zeros,
-                   param_dtype=jnp.float32, rngs=rngs)
-        for i, o, b in dims
-    ])
+    dims = [
+        (emb_dim, order, True),
+        (order, order, True),
+        (order, order, True),
+        (order, hidden, False),
+    ]
+    return nnx.List(
+        [
+            nnx.Linear(
+                i,
+                o,
+                use_bias=b,
+                kernel_init=init,
+                bias_init=nnx.initializers.zeros,
+                param_dtype=jnp.float32,
+                rngs=rngs,
+            )
+            for i, o, b in dims
+        ]
+    )

@@ -16,7 +16,9 @@ def mlm_loss(logits_BxLxV: jax.Array, labels_BxL: jax.Array) -> tuple[jax.Array,
     """
     predicted_BxL = labels_BxL > 0
     safe_labels = jnp.where(predicted_BxL, labels_BxL, 0)
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), safe_labels)
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), safe_labels
+    )
     count = predicted_BxL.sum().astype(jnp.float32)
     loss = jnp.where(predicted_BxL, ce_BxL, 0.0).sum() / jnp.maximum(count, 1.0)
     return loss, count
@@ -28,4 +30,6 @@ def classification_loss(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array
     logits_BxC = logits_BxC.astype(jnp.float32)
     if logits_BxC.shape[-1] == 1:
         return jnp.mean((logits_BxC[:, 0] - labels_B.astype(jnp.float32)) ** 2)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B.astype(jnp.int32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxC, labels_B.astype(jnp.int32)
+    ).mean()

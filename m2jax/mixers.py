@@ -48,12 +48,19 @@ def layer_norm(eps: float, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
 
-def dense(cfg: M2BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+def dense(
+    cfg: M2BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True
+) -> nnx.Linear:
     """A Linear with the HF BERT init (N(0, initializer_range), zero bias) and the compute dtype."""
     return nnx.Linear(
-        d_in, d_out, use_bias=use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(cfg.initializer_range),
-        bias_init=nnx.initializers.zeros, rngs=rngs,
+        bias_init=nnx.initializers.zeros,
+        rngs=rngs,
     )
 
 
@@ -63,19 +70,25 @@ class BlockDiagLinear(nnx.Module):
     With `nblocks=1` this is a dense layer stored as (1, out, in).
     """
 
-    def __init__(self, d_in: int, d_out: int, nblocks: int, *, use_bias: bool, dtype: str,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, d_in: int, d_out: int, nblocks: int, *, use_bias: bool, dtype: str, rngs: nnx.Rngs
+    ):
         in_blk, out_blk = d_in // nblocks, d_out // nblocks
         # The reference initialises the dense equivalent with kaiming-uniform(a=sqrt(5)), i.e.
         # U(+-1/sqrt(in)), then scales by sqrt(nblocks) because the matrix is sparse.
         bound = 1.0 / math.sqrt(in_blk)
         self.weight = nnx.Param(
-            jax.random.uniform(rngs.params(), (nblocks, out_blk, in_blk), jnp.float32, -bound, bound)
+            jax.random.uniform(
+                rngs.params(), (nblocks, out_blk, in_blk), jnp.float32, -bound, bound
+            )
         )
         bias_bound = 1.0 / math.sqrt(d_out)
         self.bias = (
-            nnx.Param(jax.random.uniform(rngs.params(), (d_out,), jnp.float32, -bias_bound, bias_bound))
-            if use_bias else None
+            nnx.Param(
+                jax.random.uniform(rngs.params(), (d_out,), jnp.float32, -bias_bound, bias_bound)
+            )
+            if use_bias
+            else None
         )
         self.dtype = jnp.dtype(dtype)
 
@@ -127,7 +140,9 @@ class SequenceMixer(nnx.Module):
             u_BxLxH = self.layernorm(u_BxLxH.astype(jnp.float32))
         u_BxLxH = u_BxLxH.astype(compute)
         p_BxLx3H = self.in_linear(u_BxLxH)
-        s_BxLx3H = short_causal_conv(p_BxLx3H, self.short_conv_weight[...], self.short_conv_bias[...])
+        s_BxLx3H = short_causal_conv(
+            p_BxLx3H, self.short_conv_weight[...], self.short_conv_bias[...]
+        )
         x1, x2, v = jnp.split(s_BxLx3H, 3, axis=-1)
         if self.cfg.long_conv_implementation in FUSED_BLOCK_IMPLEMENTATIONS:
             y = self._fused_block(x1, x2, v, u_BxLxH, rng_v)
@@ -138,8 +153,14 @@ class SequenceMixer(nnx.Module):
             y = dropout(y, rate, rng_y)
         return self.out_linear(y)
 
-    def _unfused_block(self, x1: jax.Array, x2: jax.Array, v: jax.Array, u_BxLxH: jax.Array,
-                       rng_v: jax.Array | None) -> jax.Array:
+    def _unfused_block(
+        self,
+        x1: jax.Array,
+        x2: jax.Array,
+        v: jax.Array,
+        u_BxLxH: jax.Array,
+        rng_v: jax.Array | None,
+    ) -> jax.Array:
         """Steps 4-7 of spec 3.1 with one `bidirectional_long_conv` per filter set (B, L, H)."""
         rate = self.cfg.sequence_mixer_dropout_prob
         v = v * x1
@@ -151,8 +172,14 @@ class SequenceMixer(nnx.Module):
             y = y + self._long_conv(self.filter_fn2, u_BxLxH)
         return y
 
-    def _fused_block(self, x1: jax.Array, x2: jax.Array, v: jax.Array, u_BxLxH: jax.Array,
-                     rng_v: jax.Array | None) -> jax.Array:
+    def _fused_block(
+        self,
+        x1: jax.Array,
+        x2: jax.Array,
+        v: jax.Array,
+        u_BxLxH: jax.Array,
+        rng_v: jax.Array | None,
+    ) -> jax.Array:
         """Steps 4-7 of spec 3.1 through `kernels.m2_long_conv_block` (B, L, H in and out)."""
         from kernels import ConvFilter, m2_long_conv_block  # lazy: kernels imports m2jax
 
@@ -179,7 +206,9 @@ class GLUDimensionMixer(nnx.Module):
         H, I = cfg.hidden_size, cfg.intermediate_size
         nb = cfg.monarch_mlp_nblocks if cfg.use_monarch_mlp else 1
         self.cfg = cfg
-        self.gated_layers = BlockDiagLinear(H, 2 * I, nb, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+        self.gated_layers = BlockDiagLinear(
+            H, 2 * I, nb, use_bias=False, dtype=cfg.dtype, rngs=rngs
+        )
         self.wo = BlockDiagLinear(I, H, nb, use_bias=True, dtype=cfg.dtype, rngs=rngs)
         self.layernorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 

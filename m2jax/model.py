@@ -26,7 +26,9 @@ def _check_ids(name: str, ids: jax.Array, upper: int) -> None:
         return
     arr = np.asarray(ids)
     if arr.size and (arr.min() < 0 or arr.max() >= upper):
-        raise ValueError(f"{name} must lie in [0, {upper}); got values in [{arr.min()}, {arr.max()}]")
+        raise ValueError(
+            f"{name} must lie in [0, {upper}); got values in [{arr.min()}, {arr.max()}]"
+        )
 
 
 class Embeddings(nnx.Module):
@@ -38,18 +40,30 @@ class Embeddings(nnx.Module):
         self.cfg = cfg
         self.word_embeddings = nnx.Embed(cfg.vocab_size, H, embedding_init=init, rngs=rngs)
         # Like torch's padding_idx, the pad row starts at zero.
-        self.word_embeddings.embedding[...] = self.word_embeddings.embedding[...].at[cfg.pad_token_id].set(0.0)
+        self.word_embeddings.embedding[...] = (
+            self.word_embeddings.embedding[...].at[cfg.pad_token_id].set(0.0)
+        )
         self.position_embeddings = (
             nnx.Embed(cfg.max_position_embeddings, H, embedding_init=init, rngs=rngs)
-            if cfg.use_positional_encodings else None
+            if cfg.use_positional_encodings
+            else None
         )
-        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, H, embedding_init=init, rngs=rngs)
+        self.token_type_embeddings = nnx.Embed(
+            cfg.type_vocab_size, H, embedding_init=init, rngs=rngs
+        )
         self.LayerNorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 
-    def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array,
-                 *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids_BxL: jax.Array,
+        token_type_ids_BxL: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         L = input_ids_BxL.shape[1]
-        e_BxLxH = self.word_embeddings(input_ids_BxL) + self.token_type_embeddings(token_type_ids_BxL)
+        e_BxLxH = self.word_embeddings(input_ids_BxL) + self.token_type_embeddings(
+            token_type_ids_BxL
+        )
         if self.position_embeddings is not None:
             e_BxLxH = e_BxLxH + self.position_embeddings.embedding[...][:L][None]
         e_BxLxH = self.LayerNorm(e_BxLxH)
@@ -79,8 +93,13 @@ class M2BertModel(nnx.Module):
             _copy_deepcopied_weights(self.layers)
         self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if add_pooler else None
 
-    def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array | None = None,
-                 *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids_BxL: jax.Array,
+        token_type_ids_BxL: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         """Returns the final hidden states, float32 (B, L, H)."""
         cfg = self.cfg
         if input_ids_BxL.ndim != 2:
@@ -88,13 +107,16 @@ class M2BertModel(nnx.Module):
         L = input_ids_BxL.shape[1]
         if L > cfg.max_position_embeddings:
             raise ValueError(
-                f"input length {L} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+                f"input length {L} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+            )
         warn_if_shorter(L, cfg)
         if token_type_ids_BxL is None:
             token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
         if token_type_ids_BxL.shape != input_ids_BxL.shape:
-            raise ValueError(f"token_type_ids shape {token_type_ids_BxL.shape} != input_ids shape "
-                             f"{input_ids_BxL.shape}")
+            raise ValueError(
+                f"token_type_ids shape {token_type_ids_BxL.shape} != input_ids shape "
+                f"{input_ids_BxL.shape}"
+            )
         _check_ids("input_ids", input_ids_BxL, cfg.vocab_size)
         _check_ids("token_type_ids", token_type_ids_BxL, cfg.type_vocab_size)
         x = self.embeddings(input_ids_BxL, token_type_ids_BxL, dropout_rng=_fold(dropout_rng, 0))
@@ -118,8 +140,13 @@ def _copy_deepcopied_weights(layers: nnx.List) -> None:
 
     def shared(layer: M2Layer) -> list[nnx.Variable]:
         mix, mlp = layer.attention, layer.mlp
-        out = [mix.short_conv_weight, mix.short_conv_bias, mlp.gated_layers.weight, mlp.wo.weight,
-               mlp.wo.bias]
+        out = [
+            mix.short_conv_weight,
+            mix.short_conv_bias,
+            mlp.gated_layers.weight,
+            mlp.wo.weight,
+            mlp.wo.bias,
+        ]
         for f in (mix.filter_fn, mix.filter_fn2):
             if f is not None:
                 out += [f.bias_D, f.z, f.freq]
@@ -160,12 +187,20 @@ class M2BertForMaskedLM(nnx.Module):
         self.bert = M2BertModel(cfg, add_pooler=False, rngs=rngs)
         self.cls = MLMHead(cfg, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         del attention_mask  # the reference's M2 encoder ignores it too
-        h_BxLxH = self.bert(jnp.asarray(input_ids), None if token_type_ids is None
-                            else jnp.asarray(token_type_ids), dropout_rng=dropout_rng)
+        h_BxLxH = self.bert(
+            jnp.asarray(input_ids),
+            None if token_type_ids is None else jnp.asarray(token_type_ids),
+            dropout_rng=dropout_rng,
+        )
         return self.cls(h_BxLxH, self.bert.embeddings.word_embeddings.embedding[...])
 
     @property
@@ -185,22 +220,35 @@ class M2BertForSequenceClassification(nnx.Module):
         self.bert = M2BertModel(cfg, add_pooler=not cfg.use_cls_token, rngs=rngs)
         self.classifier = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
 
-    def pooled(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, *,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+    def pooled(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         """The sentence representation fed to the classifier, float32 (B, H)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h = self.bert(input_ids, None if token_type_ids is None else jnp.asarray(token_type_ids),
-                      dropout_rng=_fold(dropout_rng, 0))
+        h = self.bert(
+            input_ids,
+            None if token_type_ids is None else jnp.asarray(token_type_ids),
+            dropout_rng=_fold(dropout_rng, 0),
+        )
         if self.config.use_cls_token:
             return h[:, 0]
         return self.bert.pool(h, jnp.asarray(attention_mask))
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, *,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
         p_BxH = self.pooled(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
@@ -238,4 +286,6 @@ def abstract_model(model_cls: type, cfg: M2BertConfig) -> nnx.Module:
 
 def count_params(model: nnx.Module) -> int:
     """Unique trainable parameters (constants like `t`/`deltas` excluded; tied decoder counted once)."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    return sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    )

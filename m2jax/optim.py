@@ -42,15 +42,19 @@ class OptimizerConfig:
     z_weight_decay: float = 0.0
 
 
-def warmup_linear_decay(peak: float, total_steps: int, warmup_fraction: float,
-                        final_fraction: float) -> optax.Schedule:
+def warmup_linear_decay(
+    peak: float, total_steps: int, warmup_fraction: float, final_fraction: float
+) -> optax.Schedule:
     """Linear 0 -> peak over `warmup_fraction * total_steps`, then linear to `final_fraction * peak`
     at `total_steps` (Composer's LinearWithWarmupScheduler with alpha_f = final_fraction)."""
     warmup = max(1, int(round(warmup_fraction * total_steps)))
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup),
-         optax.linear_schedule(peak, final_fraction * peak, max(1, total_steps - warmup))],
-        [warmup])
+        [
+            optax.linear_schedule(0.0, peak, warmup),
+            optax.linear_schedule(peak, final_fraction * peak, max(1, total_steps - warmup)),
+        ],
+        [warmup],
+    )
 
 
 # Parameter paths (joined with "/") that form the yaml's filter groups. Only the forward MLP's
@@ -87,7 +91,9 @@ def param_group_labels(params: nnx.State, mode: str) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _adam_variant(cfg: OptimizerConfig, lr: float, weight_decay: float) -> optax.GradientTransformation:
+def _adam_variant(
+    cfg: OptimizerConfig, lr: float, weight_decay: float
+) -> optax.GradientTransformation:
     schedule = warmup_linear_decay(lr, cfg.total_steps, cfg.warmup_fraction, cfg.final_lr_fraction)
     if cfg.name == "decoupled":
         return optax.chain(
@@ -115,5 +121,8 @@ def make_optimizer(cfg: OptimizerConfig, params: nnx.State) -> optax.GradientTra
 
 def learning_rate_at(cfg: OptimizerConfig, step: int) -> float:
     """The default group's learning rate at `step` (for logging)."""
-    return float(warmup_linear_decay(cfg.lr, cfg.total_steps, cfg.warmup_fraction,
-                                     cfg.final_lr_fraction)(step))
+    return float(
+        warmup_linear_decay(cfg.lr, cfg.total_steps, cfg.warmup_fraction, cfg.final_lr_fraction)(
+            step
+        )
+    )

@@ -27,8 +27,10 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 Task = Literal["auto", "mlm", "classification"]
 
 _MODEL_CLASSES = {"mlm": M2BertForMaskedLM, "classification": M2BertForSequenceClassification}
-_ARCHITECTURES = {M2BertForMaskedLM: "BertForMaskedLM",
-                  M2BertForSequenceClassification: "BertForSequenceClassification"}
+_ARCHITECTURES = {
+    M2BertForMaskedLM: "BertForMaskedLM",
+    M2BertForSequenceClassification: "BertForSequenceClassification",
+}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -41,20 +43,26 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raw: Any = load_safetensors(path)
     else:
         raw = load_torch_file(path)
-        if isinstance(raw, Mapping) and isinstance(raw.get("state"), Mapping) and "model" in raw["state"]:
+        if (
+            isinstance(raw, Mapping)
+            and isinstance(raw.get("state"), Mapping)
+            and "model" in raw["state"]
+        ):
             raw = raw["state"]["model"]
         elif isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
             raw = raw["state_dict"]
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), "
-                         f"got {type(raw).__name__}")
+        raise ValueError(
+            f"{path}: expected a state dict (a mapping of names to tensors), "
+            f"got {type(raw).__name__}"
+        )
     out = {}
     for key, value in raw.items():
         if ".flashfft." in key:
             continue
         if not isinstance(value, np.ndarray):
             raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[key[len("model."):] if key.startswith("model.") else key] = value
+        out[key[len("model.") :] if key.startswith("model.") else key] = value
     return out
 
 
@@ -62,19 +70,29 @@ def infer_config(sd: Mapping[str, np.ndarray], **overrides: Any) -> M2BertConfig
     """Rebuilds the architecture fields of a config from a state dict's shapes (no config.json)."""
     try:
         V, H = sd["bert.embeddings.word_embeddings.weight"].shape
-        layer_ids = {int(m.group(1)) for k in sd if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k))}
+        layer_ids = {
+            int(m.group(1)) for k in sd if (m := re.match(r"bert\.encoder\.layer\.(\d+)\.", k))
+        }
         p = "bert.encoder.layer.0"
-        nb, _, i_blk = sd[f"{p}.mlp.wo.weight"].shape if sd[f"{p}.mlp.wo.weight"].ndim == 3 else (
-            1, *sd[f"{p}.mlp.wo.weight"].shape)
+        nb, _, i_blk = (
+            sd[f"{p}.mlp.wo.weight"].shape
+            if sd[f"{p}.mlp.wo.weight"].ndim == 3
+            else (1, *sd[f"{p}.mlp.wo.weight"].shape)
+        )
         order, emb_dim = sd[f"{p}.attention.filter_fn.implicit_filter.0.weight"].shape
         l_max = sd[f"{p}.attention.filter_fn.pos_emb.z"].shape[1]
         kwargs: dict[str, Any] = dict(
-            vocab_size=V, hidden_size=H, num_hidden_layers=len(layer_ids),
-            intermediate_size=nb * i_blk, monarch_mlp_nblocks=nb if nb > 1 else 4,
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=len(layer_ids),
+            intermediate_size=nb * i_blk,
+            monarch_mlp_nblocks=nb if nb > 1 else 4,
             use_monarch_mlp=sd[f"{p}.mlp.wo.weight"].ndim == 3,
-            max_position_embeddings=l_max, long_conv_l_max=l_max,
+            max_position_embeddings=l_max,
+            long_conv_l_max=l_max,
             type_vocab_size=sd["bert.embeddings.token_type_embeddings.weight"].shape[0],
-            hyena_filter_order=order, hyena_emb_dim=emb_dim,
+            hyena_filter_order=order,
+            hyena_emb_dim=emb_dim,
             hyena_training_additions=f"{p}.attention.layernorm.weight" in sd,
             residual_long_conv=f"{p}.attention.filter_fn2.bias" in sd,
             bidirectional=f"{p}.attention.filter_fn.implicit_filter_rev.0.weight" in sd,
@@ -90,7 +108,9 @@ def infer_config(sd: Mapping[str, np.ndarray], **overrides: Any) -> M2BertConfig
 
 def _find_files(path: str) -> tuple[str, str | None]:
     if os.path.isdir(path):
-        weights = [os.path.join(path, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))]
+        weights = [
+            os.path.join(path, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(path, f))
+        ]
         if not weights:
             raise FileNotFoundError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
         config = os.path.join(path, "config.json")
@@ -112,8 +132,9 @@ def _detect_task(sd: Mapping[str, np.ndarray], raw_config: Mapping[str, Any] | N
     return "mlm"
 
 
-def from_pretrained(path: str, *, task: Task = "auto", dtype: str | None = None,
-                    **config_overrides: Any) -> M2BertForMaskedLM | M2BertForSequenceClassification:
+def from_pretrained(
+    path: str, *, task: Task = "auto", dtype: str | None = None, **config_overrides: Any
+) -> M2BertForMaskedLM | M2BertForSequenceClassification:
     """Loads a released (or `save_pretrained`) M2-BERT checkpoint.
 
     Args:
@@ -141,10 +162,17 @@ def from_pretrained(path: str, *, task: Task = "auto", dtype: str | None = None,
         raise ValueError(f"task must be 'auto', 'mlm' or 'classification', got {task!r}")
     if dtype is not None:
         config_overrides["dtype"] = dtype
-    if task == "classification" and "classifier.weight" in sd and "num_labels" not in config_overrides:
+    if (
+        task == "classification"
+        and "classifier.weight" in sd
+        and "num_labels" not in config_overrides
+    ):
         config_overrides["num_labels"] = sd["classifier.weight"].shape[0]
-    cfg = (config_from_dict(raw_config, **config_overrides) if raw_config is not None
-           else infer_config(sd, **config_overrides))
+    cfg = (
+        config_from_dict(raw_config, **config_overrides)
+        if raw_config is not None
+        else infer_config(sd, **config_overrides)
+    )
     model_cls = _MODEL_CLASSES[task]
     # Abstract first: a random init of every parameter would be thrown away at once.
     model = abstract_model(model_cls, cfg)

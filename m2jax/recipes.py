@@ -40,17 +40,37 @@ def run_pretraining(config: Any, workdir: str) -> dict[str, Any]:
     L = model.config.max_position_embeddings
     d = config.data
     pidx, pcount = _host()
-    common = dict(max_seq_len=L, global_batch_size=config.global_batch_size,
-                  packing=d.packing, data_dir=d.data_dir or None, text_field=d.text_field,
-                  num_threads=d.num_threads, process_index=pidx, process_count=pcount)
-    train = pretrain_batches(d.source, d.train_split, mlm_probability=d.mlm_probability,
-                             seed=config.seed, shuffle=d.shuffle, **common)
+    common = dict(
+        max_seq_len=L,
+        global_batch_size=config.global_batch_size,
+        packing=d.packing,
+        data_dir=d.data_dir or None,
+        text_field=d.text_field,
+        num_threads=d.num_threads,
+        process_index=pidx,
+        process_count=pcount,
+    )
+    train = pretrain_batches(
+        d.source,
+        d.train_split,
+        mlm_probability=d.mlm_probability,
+        seed=config.seed,
+        shuffle=d.shuffle,
+        **common,
+    )
 
     def evaluate(eval_step, params) -> dict[str, float]:
         # A fresh pass over the same held-out batches every time, so evaluations compare.
-        batches = pretrain_batches(d.source, d.eval_split, mlm_probability=d.eval_mlm_probability,
-                                   seed=config.seed + 1, shuffle=False, num_epochs=None,
-                                   prefetch_batches=0, **common)
+        batches = pretrain_batches(
+            d.source,
+            d.eval_split,
+            mlm_probability=d.eval_mlm_probability,
+            seed=config.seed + 1,
+            shuffle=False,
+            num_epochs=None,
+            prefetch_batches=0,
+            **common,
+        )
         loss = count = correct = 0.0
         for _ in range(config.eval_steps):
             out = eval_step(params, shd.global_batch(next(batches), mesh))
@@ -66,8 +86,9 @@ def run_pretraining(config: Any, workdir: str) -> dict[str, Any]:
     return results
 
 
-def run_glue_task(config: Any, workdir: str, task: str, seed: int,
-                  init_from: str | None) -> dict[str, Any]:
+def run_glue_task(
+    config: Any, workdir: str, task: str, seed: int, init_from: str | None
+) -> dict[str, Any]:
     """Fine-tunes on one GLUE task with one seed, evaluates on its dev split(s) after training
     (the reference evaluates after the final epoch), exports the model to `workdir/final`."""
     from m2jax.data import get_task, glue_dataset, glue_metrics, glue_task_score
@@ -79,31 +100,47 @@ def run_glue_task(config: Any, workdir: str, task: str, seed: int,
         run_config.seed = seed
         run_config.init_from = init_from or ""
         run_config.optimizer.update(dict(t.optimizer))
-        run_config.model.overrides.update(dict(num_labels=spec_task.num_labels, pool_all=t.pool_all))
+        run_config.model.overrides.update(
+            dict(num_labels=spec_task.num_labels, pool_all=t.pool_all)
+        )
     mesh = shd.make_mesh(dict(run_config.mesh))
     model = build_model(run_config, "classification", mesh)
     L = model.config.max_position_embeddings
     source = config.data.source
-    train = glue_dataset(task, "train", source, max_seq_len=L, data_dir=config.data.data_dir or None)
+    train = glue_dataset(
+        task, "train", source, max_seq_len=L, data_dir=config.data.data_dir or None
+    )
     pidx, pcount = _host()
     bs = t.batch_size
     steps_per_epoch = math.ceil(len(train) / bs)
     total_steps = t.epochs * steps_per_epoch
     if config.get("max_steps"):
         total_steps = min(total_steps, config.max_steps)
-    batches = EpochBatches(lambda epoch: train.batches(
-        bs, shuffle=config.data.shuffle, seed=seed, epoch=epoch, pad_remainder=True,
-        process_index=pidx, process_count=pcount))
-    eval_sets = {split: glue_dataset(task, split, source, max_seq_len=L,
-                                     data_dir=config.data.data_dir or None)
-                 for split in spec_task.eval_splits}
+    batches = EpochBatches(
+        lambda epoch: train.batches(
+            bs,
+            shuffle=config.data.shuffle,
+            seed=seed,
+            epoch=epoch,
+            pad_remainder=True,
+            process_index=pidx,
+            process_count=pcount,
+        )
+    )
+    eval_sets = {
+        split: glue_dataset(
+            task, split, source, max_seq_len=L, data_dir=config.data.data_dir or None
+        )
+        for split in spec_task.eval_splits
+    }
 
     def evaluate(eval_step, params) -> dict[str, float]:
         split_metrics = {}
         for split, data in eval_sets.items():
             preds, labels = [], []
-            for local in data.batches(config.eval_batch_size, pad_remainder=True,
-                                      process_index=pidx, process_count=pcount):
+            for local in data.batches(
+                config.eval_batch_size, pad_remainder=True, process_index=pidx, process_count=pcount
+            ):
                 out = eval_step(params, shd.global_batch(local, mesh))
                 keep = _gather(shd.global_batch({"m": local["example_mask"]}, mesh)["m"]) == 1
                 preds.append(_gather(out["logits"])[keep])
@@ -133,13 +170,18 @@ def run_glue(config: Any, workdir: str) -> dict[str, Any]:
     for task in config.task_order:
         t = config.tasks[task]
         parent = t.get("start_from_task") or ""
-        init = os.path.join(workdir, parent, f"seed_{config.tasks[parent].seeds[0]}", "final") \
-            if parent else (config.get("init_from") or None)
+        init = (
+            os.path.join(workdir, parent, f"seed_{config.tasks[parent].seeds[0]}", "final")
+            if parent
+            else (config.get("init_from") or None)
+        )
         per_seed[task] = []
         for seed in t.seeds:
             r = run_glue_task(config, os.path.join(workdir, task, f"seed_{seed}"), task, seed, init)
             if r["final_eval"] is None:
-                raise RuntimeError(f"{task} seed {seed} ended without an evaluation ({r['status']})")
+                raise RuntimeError(
+                    f"{task} seed {seed} ended without an evaluation ({r['status']})"
+                )
             per_seed[task].append(r["final_eval"]["score"])
         scores[task] = float(np.mean(per_seed[task]))
         print(f"{task}: score {scores[task]:.4f} (seeds {list(t.seeds)})", flush=True)

@@ -11,8 +11,16 @@ from typing import Any, Mapping
 import jax
 
 # bf16 dense peak FLOP/s per device, for the model-FLOP-utilisation estimate.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
 
 
 def device_peak_flops() -> float | None:
@@ -36,8 +44,9 @@ class MetricWriter:
         try:
             from clu import metric_writers
 
-            self._clu = metric_writers.create_default_writer(workdir, just_logging=False,
-                                                             asynchronous=False)
+            self._clu = metric_writers.create_default_writer(
+                workdir, just_logging=False, asynchronous=False
+            )
         except ImportError:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -74,8 +83,10 @@ class ProgressLine:
             rate = (step - self._last_step) * self.tokens_per_step / (now - self._last_time)
             out["tokens_per_s"] = rate
             eta = (self.total_steps - step) * self.tokens_per_step / rate
-            line = (f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"{rate:,.0f} tok/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            line = (
+                f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{rate:,.0f} tok/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+            )
             if self._peak:
                 out["mfu"] = rate * self.flops_per_token / (self._peak * jax.device_count())
                 line += f" | MFU {100 * out['mfu']:.1f}%"

@@ -78,11 +78,14 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
             raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
     # Auto axes: the FSDP step relies on the compiler's sharding propagation (JAX_NOTES).
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
 
 
 def logical_axes_for(path_name: str, ndim: int) -> tuple[str | None, ...]:
@@ -91,7 +94,9 @@ def logical_axes_for(path_name: str, ndim: int) -> tuple[str | None, ...]:
             if len(axes) != ndim:
                 raise ValueError(f"logical axes {axes} for {path_name} do not fit its rank {ndim}")
             return axes
-    raise ValueError(f"no logical axis rule for parameter {path_name}; add one to PARAM_LOGICAL_AXES")
+    raise ValueError(
+        f"no logical axis rule for parameter {path_name}; add one to PARAM_LOGICAL_AXES"
+    )
 
 
 def spec_for(path_name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
@@ -128,5 +133,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Host-local batch rows -> global arrays sharded over data x fsdp (multi-host safe)."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }

@@ -82,7 +82,9 @@ def _filter_set(layout: dict, prefix: str, f: HyenaFilterSet) -> None:
     layout[f"{prefix}.bias"] = Slot(f.bias_D, (H,))
     layout[f"{prefix}.pos_emb.z"] = Slot(f.z, (1, L, E))
     layout[f"{prefix}.pos_emb.t"] = Slot(f.t, (1, L, 1), default=lambda: time_grid(L))
-    layout[f"{prefix}.modulation.deltas"] = Slot(f.deltas, (1, 1, H), default=lambda: decay_rates(H))
+    layout[f"{prefix}.modulation.deltas"] = Slot(
+        f.deltas, (1, 1, H), default=lambda: decay_rates(H)
+    )
     for name, mlp in (("implicit_filter", f.mlp_fwd), ("implicit_filter_rev", f.mlp_rev)):
         if mlp is None:
             continue
@@ -110,8 +112,12 @@ def _bert(layout: dict, bert: M2BertModel) -> None:
     emb = bert.embeddings
     _same(layout, "bert.embeddings.word_embeddings.weight", emb.word_embeddings.embedding)
     if emb.position_embeddings is not None:
-        _same(layout, "bert.embeddings.position_embeddings.weight", emb.position_embeddings.embedding)
-    _same(layout, "bert.embeddings.token_type_embeddings.weight", emb.token_type_embeddings.embedding)
+        _same(
+            layout, "bert.embeddings.position_embeddings.weight", emb.position_embeddings.embedding
+        )
+    _same(
+        layout, "bert.embeddings.token_type_embeddings.weight", emb.token_type_embeddings.embedding
+    )
     _layer_norm(layout, "bert.embeddings.LayerNorm", emb.LayerNorm)
     monarch = bert.cfg.use_monarch_mlp
     for i, layer in enumerate(bert.layers):
@@ -133,8 +139,11 @@ def torch_layout(model: nnx.Module) -> dict[str, Slot]:
         _linear(layout, "cls.predictions.transform.dense", head.dense)
         _layer_norm(layout, "cls.predictions.transform.LayerNorm", head.LayerNorm)
         # Tied to the word embeddings; the reference saves it under both names.
-        _same(layout, "cls.predictions.decoder.weight",
-              model.bert.embeddings.word_embeddings.embedding)
+        _same(
+            layout,
+            "cls.predictions.decoder.weight",
+            model.bert.embeddings.word_embeddings.embedding,
+        )
         _same(layout, "cls.predictions.decoder.bias", head.decoder_bias)
     elif isinstance(model, M2BertForSequenceClassification):
         _linear(layout, "classifier", model.classifier)
@@ -147,7 +156,9 @@ def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The reference's state dict for `model`: float32 arrays (int64 position_ids), torch shapes."""
     out = {k: slot.to_torch() for k, slot in torch_layout(model).items()}
     if model.config.use_positional_encodings:
-        out[POSITION_IDS_KEY] = np.arange(model.config.max_position_embeddings, dtype=np.int64)[None]
+        out[POSITION_IDS_KEY] = np.arange(model.config.max_position_embeddings, dtype=np.int64)[
+            None
+        ]
     return out
 
 
@@ -170,23 +181,30 @@ def import_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -
     if position_ids is not None and model.config.use_positional_encodings:
         expected = np.arange(model.config.max_position_embeddings)[None]
         if np.shape(position_ids) != expected.shape or not np.array_equal(position_ids, expected):
-            problems.append(f"{POSITION_IDS_KEY}: expected arange({expected.shape[1]}) of shape "
-                            f"{expected.shape}, got shape {np.shape(position_ids)}")
+            problems.append(
+                f"{POSITION_IDS_KEY}: expected arange({expected.shape[1]}) of shape "
+                f"{expected.shape}, got shape {np.shape(position_ids)}"
+            )
     missing = [k for k, s in layout.items() if k not in sd and not s.optional]
     unexpected = sorted(set(sd) - set(layout))
-    misshaped = [f"{k}: checkpoint {tuple(np.shape(sd[k]))}, model expects {s.torch_shape}"
-                 for k, s in layout.items() if k in sd and tuple(np.shape(sd[k])) != s.torch_shape]
+    misshaped = [
+        f"{k}: checkpoint {tuple(np.shape(sd[k]))}, model expects {s.torch_shape}"
+        for k, s in layout.items()
+        if k in sd and tuple(np.shape(sd[k])) != s.torch_shape
+    ]
     if missing:
         problems.append("missing keys: " + ", ".join(missing))
     if unexpected:
-        problems.append("unexpected keys: " + ", ".join(
-            f"{k} {tuple(np.shape(sd[k]))}" for k in unexpected))
+        problems.append(
+            "unexpected keys: " + ", ".join(f"{k} {tuple(np.shape(sd[k]))}" for k in unexpected)
+        )
     if misshaped:
         problems.append("mis-shaped keys: " + "; ".join(misshaped))
     if problems:
         raise StateDictMismatch(
             f"state dict does not fit {type(model).__name__} ({len(layout)} keys expected): "
-            + " | ".join(problems))
+            + " | ".join(problems)
+        )
 
     values: dict[int, tuple[str, np.ndarray, nnx.Variable]] = {}
     for key, slot in layout.items():

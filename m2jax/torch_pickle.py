@@ -55,14 +55,16 @@ class _StorageRef:
         self.array = array
 
 
-def _rebuild_tensor(storage: _StorageRef, offset: int, size: tuple, stride: tuple,
-                    *unused: Any) -> np.ndarray:
+def _rebuild_tensor(
+    storage: _StorageRef, offset: int, size: tuple, stride: tuple, *unused: Any
+) -> np.ndarray:
     flat = storage.array
     if not size:
         return flat[offset].copy()
     itemsize = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        flat[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+        flat[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+    )
     return np.ascontiguousarray(view)
 
 
@@ -88,7 +90,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "builtins" and name in ("set", "frozenset", "slice", "complex", "range"):
             return getattr(__import__("builtins"), name)
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in (
-                "_reconstruct", "scalar"):
+            "_reconstruct",
+            "scalar",
+        ):
             return getattr(np._core.multiarray, name)
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
@@ -118,7 +122,8 @@ def load_torch_file(path: str) -> Any:
     if not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not a zip-format PyTorch checkpoint (torch >= 1.6 `torch.save`); re-save it "
-            "with a recent torch, or convert it to safetensors")
+            "with a recent torch, or convert it to safetensors"
+        )
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pickles:

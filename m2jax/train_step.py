@@ -31,7 +31,9 @@ class TrainState:
 
 
 def _forward(model: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
-    return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], dropout_rng=rng)
+    return model(
+        batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], dropout_rng=rng
+    )
 
 
 def _loss_sum(task: str, logits: jax.Array, batch: Batch) -> tuple:
@@ -53,8 +55,13 @@ def _loss_sum(task: str, logits: jax.Array, batch: Batch) -> tuple:
     return (per_item * valid).sum(), valid.sum(), correct
 
 
-def make_train_step(graphdef: nnx.GraphDef, consts: nnx.State, tx: optax.GradientTransformation,
-                    task: str, accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple]:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    consts: nnx.State,
+    tx: optax.GradientTransformation,
+    task: str,
+    accum_steps: int = 1,
+) -> Callable[[TrainState, Batch], tuple]:
     """The pure step for `task` ("mlm" or "classification") with `accum_steps` microbatches."""
 
     def micro_grads(params, micro: Batch, rng):
@@ -72,24 +79,35 @@ def make_train_step(graphdef: nnx.GraphDef, consts: nnx.State, tx: optax.Gradien
             grads, total, count, correct = micro_grads(state.params, batch, step_key)
         else:
             micro = jax.tree_util.tree_map(
-                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
+            )
 
             def body(carry, xs):
                 i, mb = xs
                 g, t, c, k = micro_grads(state.params, mb, jax.random.fold_in(step_key, i))
                 acc_g, acc_t, acc_c, acc_k = carry
-                return (jax.tree_util.tree_map(jnp.add, acc_g, g), acc_t + t, acc_c + c, acc_k + k), None
+                return (
+                    jax.tree_util.tree_map(jnp.add, acc_g, g),
+                    acc_t + t,
+                    acc_c + c,
+                    acc_k + k,
+                ), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
             (grads, total, count, correct), _ = jax.lax.scan(
-                body, init, (jnp.arange(accum_steps), micro))
+                body, init, (jnp.arange(accum_steps), micro)
+            )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": total / denom, "count": count, "accuracy": correct / denom,
-                   "grad_norm": optax.tree.norm(grads)}
+        metrics = {
+            "loss": total / denom,
+            "count": count,
+            "accuracy": correct / denom,
+            "grad_norm": optax.tree.norm(grads),
+        }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

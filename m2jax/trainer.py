@@ -30,7 +30,6 @@ from m2jax.pretrained import from_pretrained
 from m2jax.run_logging import MetricWriter, ProgressLine, training_flops_per_token, write_results
 from m2jax.train_step import TrainState, make_eval_step, make_train_step
 
-
 BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "example_mask")
 
 
@@ -85,7 +84,8 @@ def _check_finite(pending: list[tuple[int, jax.Array]]) -> None:
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"training loss is {value} at step {step}; stopping. The last checkpoint saved "
-                "before this step is kept; lower the learning rate or check the data, then resume.")
+                "before this step is kept; lower the learning rate or check the data, then resume."
+            )
     pending.clear()
 
 
@@ -102,25 +102,48 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
     consts = jax.device_put(consts, const_shardings)
     # Optimizer moments are laid out like their parameters; counters are replicated.
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: shd.replicated(mesh))
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: shd.replicated(mesh),
+    )
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    state_shardings = TrainState(step=shd.replicated(mesh), params=param_shardings,
-                                 opt_state=opt_shardings, rng=shd.replicated(mesh))
-    state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                      opt_state=opt_state, rng=jax.random.PRNGKey(config.seed)),
-                           state_shardings)
+    state_shardings = TrainState(
+        step=shd.replicated(mesh),
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=shd.replicated(mesh),
+    )
+    state = jax.device_put(
+        TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.random.PRNGKey(config.seed),
+        ),
+        state_shardings,
+    )
 
     step_fn = make_train_step(graphdef, consts, tx, spec.task, config.accum_steps)
     batch_shardings = {k: shd.batch_sharding(mesh) for k in BATCH_KEYS}
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
     eval_step = jax.jit(make_eval_step(graphdef, consts, spec.task))
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.checkpoint.every,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         start, state, data_state = restored
@@ -130,9 +153,16 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
 
     writer = MetricWriter(workdir)
     n_params = count_params(spec.model)
-    progress = ProgressLine(spec.total_steps, spec.global_batch_size * spec.seq_len,
-                            training_flops_per_token(n_params, spec.model.config.hidden_size,
-                                                     spec.model.config.num_hidden_layers, spec.seq_len))
+    progress = ProgressLine(
+        spec.total_steps,
+        spec.global_batch_size * spec.seq_len,
+        training_flops_per_token(
+            n_params,
+            spec.model.config.hidden_size,
+            spec.model.config.num_hidden_layers,
+            spec.seq_len,
+        ),
+    )
     stop = _install_sigterm_flag()
     pending: list[tuple[int, jax.Array]] = []
     history: list[dict[str, float]] = []
@@ -153,15 +183,21 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
             if step % config.log_every == 0 or last:
                 _check_finite(pending)
                 scalars = {k: float(v) for k, v in metrics.items()}
-                scalars.update(progress.update(step, scalars["loss"], learning_rate_at(opt_cfg, step - 1)))
+                scalars.update(
+                    progress.update(step, scalars["loss"], learning_rate_at(opt_cfg, step - 1))
+                )
                 writer.write(step, scalars)
                 history.append({"step": step, **scalars})
-            if config.eval_steps and (last or (config.eval_every and step % config.eval_every == 0)):
+            if config.eval_steps and (
+                last or (config.eval_every and step % config.eval_every == 0)
+            ):
                 ev = spec.evaluate(eval_step, state.params)
                 writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
                 eval_history.append({"step": step, **ev})
-                print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
-                      flush=True)
+                print(
+                    f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+                    flush=True,
+                )
             preempted = stop["stop"] or ckpt.reached_preemption(step)
             if step % config.checkpoint.every == 0 or last or preempted:
                 _check_finite(pending)
@@ -174,10 +210,16 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
         ckpt.close()
         writer.close()
     results = {
-        "status": status, "step": step, "total_steps": spec.total_steps, "task": spec.task,
-        "num_params": n_params, "train": history, "eval": eval_history,
+        "status": status,
+        "step": step,
+        "total_steps": spec.total_steps,
+        "task": spec.task,
+        "num_params": n_params,
+        "train": history,
+        "eval": eval_history,
         "final_eval": eval_history[-1] if eval_history else None,
-        "wall_seconds": time.perf_counter() - t0, "devices": jax.device_count(),
+        "wall_seconds": time.perf_counter() - t0,
+        "devices": jax.device_count(),
         "mesh": dict(mesh.shape),
     }
     write_results(workdir, results)
@@ -189,14 +231,18 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
 # Model construction and initialisation.
 
 
-def build_model(config: Any, task: str, mesh: jax.sharding.Mesh | None = None,
-                **model_overrides: Any) -> nnx.Module:
+def build_model(
+    config: Any, task: str, mesh: jax.sharding.Mesh | None = None, **model_overrides: Any
+) -> nnx.Module:
     """A fresh model from the config's named model and overrides, or initialised from
     `config.init_from` (a checkpoint directory or weights file that `from_pretrained` reads)."""
     overrides = {**dict(config.model.overrides), **model_overrides}
-    if (mesh is not None and jax.default_backend() == "cpu"
-            and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
-            and overrides.get("long_conv_implementation", "fft") == "fft"):
+    if (
+        mesh is not None
+        and jax.default_backend() == "cpu"
+        and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
+        and overrides.get("long_conv_implementation", "fft") == "fft"
+    ):
         # XLA:CPU's FFT rejects the operand layouts that fsdp/tensor partitioning produces
         # (RET_CHECK in fft_thunk.cc); the Monarch-DFT path is all matmuls and gives the same
         # numbers (tests/test_long_conv.py), so CPU model-parallel runs use it.
@@ -218,29 +264,48 @@ def copy_encoder(source: nnx.Module, target: nnx.Module) -> None:
     model (MNLI -> RTE/MRPC/STS-B), whose classifier has a different number of labels.
     """
     src, dst = source.bert, target.bert
-    problems = [f"{name}: {getattr(src.cfg, name)} != {getattr(dst.cfg, name)}"
-                for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
-                             "max_position_embeddings", "hyena_filter_order",
-                             "hyena_training_additions", "residual_long_conv")
-                if getattr(src.cfg, name) != getattr(dst.cfg, name)]
+    problems = [
+        f"{name}: {getattr(src.cfg, name)} != {getattr(dst.cfg, name)}"
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "vocab_size",
+            "max_position_embeddings",
+            "hyena_filter_order",
+            "hyena_training_additions",
+            "residual_long_conv",
+        )
+        if getattr(src.cfg, name) != getattr(dst.cfg, name)
+    ]
     if problems:
-        raise ValueError("cannot initialise from a checkpoint of another architecture: "
-                         + "; ".join(problems))
+        raise ValueError(
+            "cannot initialise from a checkpoint of another architecture: " + "; ".join(problems)
+        )
     nnx.update(dst.embeddings, nnx.state(src.embeddings))
     nnx.update(dst.layers, nnx.state(src.layers))
     if src.pooler is not None and dst.pooler is not None:
         nnx.update(dst.pooler, nnx.state(src.pooler))
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None,
-                     process_id: int | None) -> None:
+def init_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
     """`jax.distributed.initialize` when this is one of several processes (flags or the usual
     cluster environment variables); a no-op for a single process."""
-    env_multi = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                                              "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"))
+    env_multi = any(
+        v in os.environ
+        for v in (
+            "JAX_COORDINATOR_ADDRESS",
+            "SLURM_NTASKS",
+            "TPU_WORKER_HOSTNAMES",
+            "OMPI_COMM_WORLD_SIZE",
+        )
+    )
     if coordinator or (num_processes and num_processes > 1):
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
     elif env_multi:
         jax.distributed.initialize()
 
