@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["m2jax", "m2jax.*", "kernels", "kernels.*"]),
     include_package_data=True,
-    package_data={"m2jax": ["assets/*", "data/assets/*", "data/assets/WNSENSE/*"]},
+    package_data={"m2jax": ["assets/*", "data/assets/*", "data/assets/WNSENSE/*", "data/assets/WNPOS/*"]},
     install_requires=CORE,
     extras_require={
         "data": DATA,

@@ -13,6 +13,8 @@ Two Debian (bookworm) packages are the only inputs:
   sentence for a word sense, sentence2 a definition, label 1 when the definition is that of the
   sense the example illustrates and 0 when it is the definition of another sense of the same word
   (same part of speech). One positive and one negative pair per example, so classes are balanced.
+  The same glosses also give `WNPOS/{train,dev}.tsv`, a single-sentence task: is a definition
+  that of a noun (0) or of a verb (1)? Balanced, split by word.
 
 Usage (any machine with apt; the output is byte-identical for the same package versions):
 
@@ -42,6 +44,8 @@ _SKIP_CLASSES = {"headerlink", "sphinxsidebar", "related", "footer", "highlight"
 _SKIP_PAGES = re.compile(r"^(genindex|py-modindex|search|contents|license|copyright|whatsnew/changelog)")
 _MIN_DOC_CHARS = 200
 TRAIN_PAIRS, DEV_PAIRS = 4000, 1000
+# WNPOS (noun or verb definition?): rows per split, half of each class.
+POS_TRAIN_ROWS, POS_DEV_ROWS = 4000, 1000
 
 
 class _ProseExtractor(html.parser.HTMLParser):
@@ -168,6 +172,39 @@ def make_sense_task(wn_dir: pathlib.Path, seed: int = 0) -> dict[str, list[tuple
     return out
 
 
+def make_pos_task(wn_dir: pathlib.Path, seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+    """Balanced (definition, label) rows, label 1 for a verb synset and 0 for a noun synset;
+    split by the synset's first lemma so that dev definitions never define a train word."""
+    rng = random.Random(seed)
+    by_lemma: dict[str, list[tuple[str, int]]] = {}
+    for pos, _, lemmas, definition, _ in _parse_wordnet(wn_dir):
+        if pos in ("noun", "verb") and definition:
+            by_lemma.setdefault(lemmas[0], []).append((definition, int(pos == "verb")))
+    keys = sorted(by_lemma)
+    rng.shuffle(keys)
+    per_class = {"dev": POS_DEV_ROWS // 2, "train": POS_TRAIN_ROWS // 2}
+    out: dict[str, list[tuple[str, int]]] = {"train": [], "dev": []}
+    counts = {(split, label): 0 for split in out for label in (0, 1)}
+    for key in keys:
+        split = "dev" if min(counts["dev", 0], counts["dev", 1]) < per_class["dev"] else "train"
+        for definition, label in by_lemma[key]:
+            if counts[split, label] < per_class[split]:
+                out[split].append((definition, label))
+                counts[split, label] += 1
+        if all(counts[s, lab] >= per_class[s] for s in out for lab in (0, 1)):
+            break
+    for rows in out.values():
+        rng.shuffle(rows)
+    return out
+
+
+def _write_single_tsv(path: pathlib.Path, rows: list[tuple[str, int]]) -> None:
+    lines = ["index\tsentence\tlabel"]
+    for n, (text, label) in enumerate(rows):
+        lines.append(f"{n}\t{' '.join(text.replace(chr(9), ' ').split())}\t{label}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def _write_tsv(path: pathlib.Path, rows: list[tuple[str, str, int]]) -> None:
     lines = ["index\tsentence1\tsentence2\tlabel"]
     for n, (s1, s2, label) in enumerate(rows):
@@ -204,10 +241,15 @@ def main() -> None:
         (args.out / "WNSENSE").mkdir(exist_ok=True)
         _write_tsv(args.out / "WNSENSE/train.tsv", task["train"])
         _write_tsv(args.out / "WNSENSE/dev.tsv", task["dev"])
+        pos_task = make_pos_task(wordnet / "usr/share/wordnet")
+        (args.out / "WNPOS").mkdir(exist_ok=True)
+        _write_single_tsv(args.out / "WNPOS/train.tsv", pos_task["train"])
+        _write_single_tsv(args.out / "WNPOS/dev.tsv", pos_task["dev"])
         n_chars = sum(len(d["text"]) for d in docs)
         print(f"corpus: {len(docs)} documents, {n_chars} characters, "
               f"{len(raw.getvalue())} bytes compressed; WNSENSE: {len(task['train'])} train, "
-              f"{len(task['dev'])} dev pairs")
+              f"{len(task['dev'])} dev pairs; WNPOS: {len(pos_task['train'])} train, "
+              f"{len(pos_task['dev'])} dev rows")
 
 
 if __name__ == "__main__":

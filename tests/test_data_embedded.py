@@ -7,7 +7,9 @@ import pathlib
 
 import pytest
 
-from m2jax.data import embedded_source, read_glue_tsv, get_task
+import numpy as np
+
+from m2jax.data import embedded_source, get_task, glue_dataset, read_glue_tsv
 from m2jax.data.glue import EMBEDDED_GLUE_DIR
 from m2jax.data.text_sources import EMBEDDED_CORPUS
 
@@ -20,7 +22,8 @@ def _md5(path):
 
 
 @pytest.mark.parametrize("name", ["bert-base-uncased-vocab.txt", "python_docs_corpus.jsonl.gz",
-                                  "WNSENSE/train.tsv", "WNSENSE/dev.tsv"])
+                                  "WNSENSE/train.tsv", "WNSENSE/dev.tsv",
+                                  "WNPOS/train.tsv", "WNPOS/dev.tsv"])
 def test_checksums_are_recorded_in_data_licenses(name):
     licenses = (ROOT / "DATA_LICENSES.md").read_text()
     assert f"`{name}`" in licenses and _md5(ASSETS / name) in licenses
@@ -53,4 +56,15 @@ def test_sense_task_splits_share_no_example():
 
 def test_package_data_ships_the_assets():
     setup = (ROOT / "setup.py").read_text()
-    assert '"data/assets/*"' in setup and '"data/assets/WNSENSE/*"' in setup
+    assert '"data/assets/*"' in setup and '"data/assets/WNSENSE/*"' in setup and '"data/assets/WNPOS/*"' in setup
+
+
+def test_embedded_pos_task_is_balanced_and_split_by_word():
+    train = glue_dataset("wnpos", "train", "embedded", max_seq_len=64)
+    dev = glue_dataset("wnpos", "validation", "embedded", max_seq_len=64)
+    assert (len(train), len(dev)) == (4000, 1000)
+    assert np.bincount(train.labels).tolist() == [2000, 2000]
+    assert np.bincount(dev.labels).tolist() == [500, 500]
+    assert np.all(train.token_type_ids == 0)  # single-sentence task
+    with pytest.raises(ValueError, match="embedded"):
+        glue_dataset("rte", "train", "embedded")

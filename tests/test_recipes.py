@@ -59,15 +59,15 @@ def test_glue_recipe_fine_tunes_from_the_pretrained_export(pretrained, tmp_path)
     c.model.overrides.update(TINY)
     c.init_from = os.path.join(workdir, "final")
     c.max_steps = 3
-    c.tasks.wnsense.batch_size = 8
+    c.tasks.wnpos.batch_size = 8
     c.eval_batch_size = 64
     results = run_glue(c, str(tmp_path))
-    score = results["task_scores"]["wnsense"]
-    assert 0.0 <= score <= 1.0 and list(results["per_seed"]) == ["wnsense"]
-    run = json.load(open(tmp_path / "wnsense" / "seed_19" / "results.json"))
+    score = results["task_scores"]["wnpos"]
+    assert 0.0 <= score <= 1.0 and list(results["per_seed"]) == ["wnpos"]
+    run = json.load(open(tmp_path / "wnpos" / "seed_19" / "results.json"))
     assert run["init_from"] == c.init_from and run["step"] == 3
     assert set(run["final_eval"]) >= {"validation/accuracy", "score"}
-    model = m2jax.from_pretrained(str(tmp_path / "wnsense" / "seed_19" / "final"))
+    model = m2jax.from_pretrained(str(tmp_path / "wnpos" / "seed_19" / "final"))
     assert isinstance(model, m2jax.M2BertForSequenceClassification) and model.config.num_labels == 2
 
 

@@ -16,6 +16,8 @@ from m2jax.data.skips import SkipLog
 from m2jax.data.tokenizer import BertWordPiece, load_tokenizer
 
 EMBEDDED_GLUE_DIR = pathlib.Path(__file__).parent / "assets"
+# Tasks shipped under EMBEDDED_GLUE_DIR (not GLUE; for offline fine-tuning).
+EMBEDDED_TASKS = ("wnsense", "wnpos")
 # Refuse a TSV file when more than this share of its rows is malformed: wrong task or format.
 _MAX_BAD_ROW_SHARE = 0.1
 
@@ -211,13 +213,14 @@ def glue_dataset(task: str, split: str, source: str = "tfds", *, max_seq_len: in
     """One encoded GLUE split.
 
     Args:
-      task: 'cola', 'sst2', 'mrpc', 'qqp', 'stsb', 'mnli', 'qnli', 'rte', 'wnli', or 'wnsense'
+      task: 'cola', 'sst2', 'mrpc', 'qqp', 'stsb', 'mnli', 'qnli', 'rte', 'wnli', or the offline
+        'wnsense' / 'wnpos'
         (the offline task shipped with m2jax).
       split: 'train', 'validation' (MNLI: 'validation_matched' / 'validation_mismatched'),
         'test' (MNLI: 'test_matched' / 'test_mismatched'; labels -1).
       source: 'tfds' (`glue/<task>`, prepared under `data_dir`; `download=True` lets tfds fetch
         and prepare it), 'tsv:<dir>' (GLUE folder layout, <dir>/CoLA/train.tsv, ...), or
-        'embedded' (only for 'wnsense').
+        'embedded' (only for 'wnsense' and 'wnpos').
       max_seq_len: rows are truncated (longest first) and padded to this length.
     """
     spec = get_task(task)
@@ -226,8 +229,8 @@ def glue_dataset(task: str, split: str, source: str = "tfds", *, max_seq_len: in
     elif source.startswith("tsv:"):
         raw = read_glue_tsv(spec, split, source[4:])
     elif source == "embedded":
-        if spec.name != "wnsense":
-            raise ValueError(f"only the 'wnsense' task is embedded (offline); {task!r} needs "
+        if spec.name not in EMBEDDED_TASKS:
+            raise ValueError(f"only {EMBEDDED_TASKS} are embedded (offline); {task!r} needs "
                              "source='tfds' or 'tsv:<dir>'")
         raw = read_glue_tsv(spec, split, EMBEDDED_GLUE_DIR)
     else:

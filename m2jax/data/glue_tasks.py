@@ -16,7 +16,7 @@ class GlueTask:
     """One sentence(-pair) task.
 
     Attributes:
-      name: tfds config name ('cola', ..., or 'wnsense' for the shipped offline task).
+      name: tfds config name ('cola', ..., or 'wnsense' / 'wnpos' for the shipped offline tasks).
       num_labels: classes (1 for the regression task STS-B).
       is_regression: labels are float32 scores, not class ids.
       text_fields: tfds feature names of the one or two texts.
@@ -105,6 +105,13 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
              tsv_text_columns=("sentence1", "sentence2"), tsv_label_column="label",
              tsv_label_values=_BINARY, tsv_files=(("train", "train.tsv"), ("validation", "dev.tsv")),
              in_tfds=False),
+    # Not GLUE: the offline single-sentence task in m2jax/data/assets/WNPOS (WordNet 3.0
+    # definitions; 1 = the definition is a verb's, 0 = a noun's). Learnable by a small model,
+    # so the offline fine-tuning smoke run can show a score above chance.
+    GlueTask("wnpos", 2, False, ("sentence",), ("noun", "verb"), **_ACC,
+             eval_splits=("validation",), tsv_folder="WNPOS", tsv_text_columns=("sentence",),
+             tsv_label_column="label", tsv_label_values=_BINARY,
+             tsv_files=(("train", "train.tsv"), ("validation", "dev.tsv")), in_tfds=False),
 )}
 
 # The eight tasks whose mean is the GLUE score (WNLI excluded, as in the M2 paper).
