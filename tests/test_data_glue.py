@@ -71,7 +71,7 @@ def tok():
 def test_task_table_matches_tfds_label_names():
     tfds = pytest.importorskip("tensorflow_datasets")
     configs = {c.name: c for c in tfds.builder_cls("glue").BUILDER_CONFIGS}
-    assert set(GLUE_TASKS) - {"wnsense"} == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+    assert set(GLUE_TASKS) - {"wnsense", "wnpos"} == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
     for name, task in GLUE_TASKS.items():
         if not task.in_tfds:
             continue
@@ -133,7 +133,7 @@ def test_malformed_tsv_rows(tmp_path, tok, caplog):
         glue_dataset("sst2", "train", f"tsv:{tmp_path}", tokenizer=tok)
     with pytest.raises(ValueError, match="unknown GLUE task 'squad'"):
         glue_dataset("squad", "train", f"tsv:{tmp_path}")
-    with pytest.raises(ValueError, match="only the 'wnsense' task is embedded"):
+    with pytest.raises(ValueError, match="only \('wnsense', 'wnpos'\) are embedded"):
         glue_dataset("rte", "train", "embedded")
 
 
