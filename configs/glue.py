@@ -65,7 +65,9 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.model.name = {"m2_base_80m": "m2-bert-base-80m-released", "m2_base_110m": "m2-bert-base-110m",
                     "smoke": "m2-bert-base-80m"}[variant]
     c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
-    c.init_from = ""  # pretrained checkpoint (required for meaningful scores)
+    # Pretrained weights (required for meaningful scores): a pretraining work directory, a
+    # `final/` export or a released checkpoint.
+    c.init_from = ""
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # 'tfds', 'tsv:<GLUE dir>' or 'embedded' (wnsense only)
     c.data.data_dir = ""

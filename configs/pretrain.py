@@ -33,7 +33,8 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.model.name = name  # a key of m2jax.config.MODEL_CONFIGS
     # M2BertConfig fields to change. bf16 compute, as the published runs (spec 8).
     c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16", **overrides})
-    c.init_from = ""  # "" = from scratch; else a checkpoint dir/file from_pretrained reads
+    # "" = from scratch; else a work directory, a `final/` export or a released checkpoint.
+    c.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds:c4/en"  # 'tfds:<name>', 'files:<glob>' or 'embedded'

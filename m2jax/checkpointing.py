@@ -98,6 +98,21 @@ class Checkpointer:
             multihost_utils.sync_global_devices("m2jax_checkpoint_set_aside")
         self._manager.reload()
 
+    def restore_latest_params(self) -> tuple[int, dict] | None:
+        """(step, params) of the newest readable checkpoint, as nested dicts of arrays (no target
+        needed: used to initialise another model from a training run's work directory)."""
+        self._manager.wait_until_finished()
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                )
+                return step, restored.state["params"]
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                logging.warning("checkpoint at step %d could not be restored (%s: %s); trying the "
+                                "previous one", step, type(e).__name__, e)
+        return None
+
     def reached_preemption(self, step: int) -> bool:
         return self._manager.reached_preemption(step)
 

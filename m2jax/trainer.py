@@ -24,7 +24,12 @@ from flax import nnx
 from m2jax import sharding as shd
 from m2jax.checkpointing import Checkpointer
 from m2jax.config import get_model_config
-from m2jax.model import M2BertForMaskedLM, M2BertForSequenceClassification, count_params
+from m2jax.model import (
+    M2BertForMaskedLM,
+    M2BertForSequenceClassification,
+    abstract_model,
+    count_params,
+)
 from m2jax.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from m2jax.pretrained import from_pretrained
 from m2jax.run_logging import MetricWriter, ProgressLine, training_flops_per_token, write_results
@@ -252,9 +257,45 @@ def build_model(
     cls = M2BertForMaskedLM if task == "mlm" else M2BertForSequenceClassification
     model = cls(cfg, rngs=nnx.Rngs(config.seed))
     if config.get("init_from"):
-        source = from_pretrained(config.init_from, dtype=cfg.dtype)
-        copy_encoder(source, model)
+        copy_encoder(load_init_source(config.init_from, cfg), model)
     return model
+
+
+def load_init_source(path: str, cfg: Any) -> nnx.Module:
+    """The model to initialise from: an m2jax work directory (its newest readable orbax
+    checkpoint), or anything `from_pretrained` reads (a `final/` export, a released checkpoint)."""
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return from_pretrained(path, dtype=cfg.dtype)
+    found = Checkpointer(
+        os.path.join(path, "checkpoints"), save_every=1, keep=1, async_save=False
+    ).restore_latest_params()
+    if found is None:
+        raise ValueError(f"{path} is a work directory without a readable checkpoint")
+    step, raw = found
+    pure = _pure_dict(raw)
+    if "cls" in pure:
+        source = abstract_model(M2BertForMaskedLM, cfg)
+    else:
+        num_labels = pure["classifier"]["kernel"].shape[-1]
+        source = abstract_model(M2BertForSequenceClassification, cfg.replace(num_labels=num_labels))
+    params = nnx.state(source, nnx.Param)
+    try:
+        nnx.replace_by_pure_dict(params, pure)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint in {path} does not fit the configured model: {e}") from None
+    nnx.update(source, params)
+    logging.info("initialising from %s, step %d", path, step)
+    return source
+
+
+def _pure_dict(tree: Any) -> Any:
+    """orbax's restored nnx.State (`{..., 'kernel': {'value': array}}`, list indices as strings)
+    as an nnx pure dict (`{..., 'kernel': array}`, integer list indices)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {int(k) if str(k).isdigit() else k: _pure_dict(v) for k, v in tree.items()}
+    return tree
 
 
 def copy_encoder(source: nnx.Module, target: nnx.Module) -> None:
@@ -282,10 +323,11 @@ def copy_encoder(source: nnx.Module, target: nnx.Module) -> None:
         raise ValueError(
             "cannot initialise from a checkpoint of another architecture: " + "; ".join(problems)
         )
-    nnx.update(dst.embeddings, nnx.state(src.embeddings))
-    nnx.update(dst.layers, nnx.state(src.layers))
+    # Params only: the constants (t, deltas) are the same closed forms in both models.
+    nnx.update(dst.embeddings, nnx.state(src.embeddings, nnx.Param))
+    nnx.update(dst.layers, nnx.state(src.layers, nnx.Param))
     if src.pooler is not None and dst.pooler is not None:
-        nnx.update(dst.pooler, nnx.state(src.pooler))
+        nnx.update(dst.pooler, nnx.state(src.pooler, nnx.Param))
 
 
 def init_distributed(

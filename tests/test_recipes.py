@@ -88,3 +88,29 @@ def test_initialising_from_another_architecture_is_an_error(pretrained, tmp_path
     c.model.overrides.hidden_size = 64
     with pytest.raises(ValueError, match="hidden_size: 32 != 64"):
         run_pretraining(c, str(tmp_path))
+
+
+def test_fine_tuning_initialises_from_a_training_work_directory(pretrained):
+    """`init_from` may name a pretraining work directory: its newest orbax checkpoint is used."""
+    import numpy as np
+    from flax import nnx
+
+    from m2jax.trainer import build_model
+
+    workdir, _ = pretrained
+    c = glue_config.get_config("smoke")
+    c.model.overrides.update(TINY)
+    c.init_from = workdir
+    model = build_model(c, "classification")
+    exported = m2jax.from_pretrained(os.path.join(workdir, "final"))  # same step-4 weights
+    for a, b in zip(jax_leaves(nnx.state(model.bert.layers, nnx.Param)),
+                    jax_leaves(nnx.state(exported.bert.layers, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.bert.embeddings.word_embeddings.embedding[...],
+                                  exported.bert.embeddings.word_embeddings.embedding[...])
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
