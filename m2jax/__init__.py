@@ -8,9 +8,11 @@ from m2jax.config import M2BertConfig, config_from_dict, config_to_dict, get_mod
 from m2jax.model import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
+    M2BertForTextEncoding,
     abstract_model,
     count_params,
 )
+from m2jax.embedder import Embedder
 from m2jax.losses import classification_loss, mlm_loss
 from m2jax.pretrained import from_pretrained, read_state_dict, save_pretrained
 from m2jax.torch_names import StateDictMismatch, export_state_dict, import_state_dict
@@ -21,6 +23,8 @@ __all__ = [
     "M2BertConfig",
     "M2BertForMaskedLM",
     "M2BertForSequenceClassification",
+    "M2BertForTextEncoding",
+    "Embedder",
     "abstract_model",
     "StateDictMismatch",
     "classification_loss",

@@ -1,7 +1,8 @@
 """M2-BERT: embeddings, the stack of M2 layers, and the MLM and sequence-classification heads.
 
 Data flow (spec sections 2-3.5): ids -> `Embeddings` -> N x `M2Layer` (`SequenceMixer` then
-`GLUDimensionMixer`) -> `MLMHead` (tied decoder) or `Pooler` + classifier. Dropout runs only when
+`GLUDimensionMixer`) -> `MLMHead` (tied decoder), or the pooler + classifier, or the pooler alone
+(`M2BertForTextEncoding`, the retrieval models). Dropout runs only when
 a `dropout_rng` is passed (training); with none the model is deterministic.
 """
 
@@ -229,17 +230,9 @@ class M2BertForSequenceClassification(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """The sentence representation fed to the classifier, float32 (B, H)."""
-        input_ids = jnp.asarray(input_ids)
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        h = self.bert(
-            input_ids,
-            None if token_type_ids is None else jnp.asarray(token_type_ids),
-            dropout_rng=_fold(dropout_rng, 0),
+        return _sentence_representation(
+            self.bert, input_ids, token_type_ids, attention_mask, _fold(dropout_rng, 0)
         )
-        if self.config.use_cls_token:
-            return h[:, 0]
-        return self.bert.pool(h, jnp.asarray(attention_mask))
 
     def __call__(
         self,
@@ -259,6 +252,58 @@ class M2BertForSequenceClassification(nnx.Module):
     @property
     def params(self) -> nnx.State:
         return nnx.state(self, nnx.Param)
+
+
+class M2BertForTextEncoding(nnx.Module):
+    """M2-BERT encoder and pooler without a head: the released long-context retrieval models.
+
+    Those checkpoints are sequence-classification state dicts whose classifier is not used; the
+    embedding is the pooler output. `model(input_ids, token_type_ids=None, attention_mask=None)`
+    -> float32 (B, H). Pad inputs to `max_position_embeddings`, as the reference does.
+    """
+
+    def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
+        if cfg.use_cls_token:
+            raise ValueError("M2BertForTextEncoding embeds with the pooler; use_cls_token must be False")
+        self.config = cfg
+        self.bert = M2BertModel(cfg, add_pooler=True, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        return _sentence_representation(
+            self.bert, input_ids, token_type_ids, attention_mask, dropout_rng
+        )
+
+    @property
+    def params(self) -> nnx.State:
+        return nnx.state(self, nnx.Param)
+
+
+def _sentence_representation(
+    bert: M2BertModel,
+    input_ids: jax.Array,
+    token_type_ids: jax.Array | None,
+    attention_mask: jax.Array | None,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """Pooler output of `bert` (the raw first-token state when `use_cls_token`), float32 (B, H)."""
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    h_BxLxH = bert(
+        input_ids,
+        None if token_type_ids is None else jnp.asarray(token_type_ids),
+        dropout_rng=dropout_rng,
+    )
+    if bert.cfg.use_cls_token:
+        return h_BxLxH[:, 0]
+    return bert.pool(h_BxLxH, jnp.asarray(attention_mask))
 
 
 class _InitKeys:

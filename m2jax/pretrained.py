@@ -19,18 +19,31 @@ from safetensors.numpy import load_file as load_safetensors
 from safetensors.numpy import save_file as save_safetensors
 
 from m2jax.config import M2BertConfig, config_from_dict, config_to_dict
-from m2jax.model import M2BertForMaskedLM, M2BertForSequenceClassification, abstract_model
+from m2jax.model import (
+    M2BertForMaskedLM,
+    M2BertForSequenceClassification,
+    M2BertForTextEncoding,
+    abstract_model,
+)
 from m2jax.torch_names import export_state_dict, import_state_dict
 from m2jax.torch_pickle import load_torch_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
-Task = Literal["auto", "mlm", "classification"]
+Task = Literal["auto", "mlm", "classification", "embedding"]
+Model = M2BertForMaskedLM | M2BertForSequenceClassification | M2BertForTextEncoding
 
-_MODEL_CLASSES = {"mlm": M2BertForMaskedLM, "classification": M2BertForSequenceClassification}
+_MODEL_CLASSES = {
+    "mlm": M2BertForMaskedLM,
+    "classification": M2BertForSequenceClassification,
+    "embedding": M2BertForTextEncoding,
+}
+# The retrieval models' own (HF hub) code names their encoder-plus-pooler class this way.
 _ARCHITECTURES = {
     M2BertForMaskedLM: "BertForMaskedLM",
     M2BertForSequenceClassification: "BertForSequenceClassification",
+    M2BertForTextEncoding: "BertForTextEncoding",
 }
+POOLER_KEY = "bert.pooler.dense.weight"
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -129,17 +142,36 @@ def _detect_task(sd: Mapping[str, np.ndarray], raw_config: Mapping[str, Any] | N
     archs = (raw_config or {}).get("architectures") or []
     if any("SequenceClassification" in a for a in archs):
         return "classification"
+    if any("TextEncoding" in a for a in archs) or POOLER_KEY in sd:
+        return "embedding"
     return "mlm"
+
+
+def _text_encoder_state_dict(sd: Mapping[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """The encoder and pooler of a retrieval or sequence-classification state dict.
+
+    The retrieval checkpoints are sequence-classification state dicts; their embedding is the
+    pooler output, so the classifier is left out here rather than reported as unexpected.
+    """
+    if POOLER_KEY not in sd:
+        heads = sorted({k.split(".")[0] for k in sd if not k.startswith("bert.")})
+        raise ValueError(
+            f"{path}: no pooler ({POOLER_KEY}) in the checkpoint, so it cannot give text "
+            f"embeddings (they are the pooler output); its heads: {heads or 'none'}. Use a "
+            "retrieval or sequence-classification checkpoint"
+        )
+    return {k: v for k, v in sd.items() if not k.startswith("classifier.")}
 
 
 def from_pretrained(
     path: str, *, task: Task = "auto", dtype: str | None = None, **config_overrides: Any
-) -> M2BertForMaskedLM | M2BertForSequenceClassification:
+) -> Model:
     """Loads a released (or `save_pretrained`) M2-BERT checkpoint.
 
     Args:
       path: a checkpoint directory or a single weights file (see module docstring).
-      task: "mlm" or "classification"; "auto" picks from the checkpoint's heads.
+      task: "mlm", "classification" or "embedding" (encoder + pooler, `M2BertForTextEncoding`;
+        a classifier in the checkpoint is dropped); "auto" picks from the checkpoint's heads.
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
       config_overrides: M2BertConfig fields to change (e.g. `num_labels` for a new classifier).
     Returns:
@@ -159,7 +191,11 @@ def from_pretrained(
     if task == "auto":
         task = _detect_task(sd, raw_config)
     if task not in _MODEL_CLASSES:
-        raise ValueError(f"task must be 'auto', 'mlm' or 'classification', got {task!r}")
+        raise ValueError(
+            f"task must be 'auto', 'mlm', 'classification' or 'embedding', got {task!r}"
+        )
+    if task == "embedding":
+        sd = _text_encoder_state_dict(sd, weights_path)
     if dtype is not None:
         config_overrides["dtype"] = dtype
     if (
@@ -180,7 +216,7 @@ def from_pretrained(
     return model
 
 
-def save_pretrained(model: M2BertForMaskedLM | M2BertForSequenceClassification, path: str) -> None:
+def save_pretrained(model: Model, path: str) -> None:
     """Writes `config.json` and `model.safetensors` (reference key names) into directory `path`.
 
     Files are written under temporary names and renamed into place only once both are complete,

@@ -17,7 +17,12 @@ from flax import nnx
 
 from m2jax.filters import HyenaFilterSet, decay_rates, time_grid
 from m2jax.mixers import BlockDiagLinear, SequenceMixer
-from m2jax.model import M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from m2jax.model import (
+    M2BertForMaskedLM,
+    M2BertForSequenceClassification,
+    M2BertForTextEncoding,
+    M2BertModel,
+)
 
 POSITION_IDS_KEY = "bert.embeddings.position_ids"
 
@@ -147,7 +152,7 @@ def torch_layout(model: nnx.Module) -> dict[str, Slot]:
         _same(layout, "cls.predictions.decoder.bias", head.decoder_bias)
     elif isinstance(model, M2BertForSequenceClassification):
         _linear(layout, "classifier", model.classifier)
-    else:
+    elif not isinstance(model, M2BertForTextEncoding):  # encoder + pooler: nothing more
         raise TypeError(f"no PyTorch layout for {type(model).__name__}")
     return layout
 

@@ -7,62 +7,21 @@ those weights are in `<name>.npz`.
 
 import json
 import os
-import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import m2jax
-from m2jax.config import config_from_dict
-from m2jax.filters import decay_rates, positional_features, time_grid
-from m2jax.model import abstract_model
 from m2jax.torch_names import POSITION_IDS_KEY, torch_layout
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-sys.path.insert(0, FIXTURES)
-import parity_recipe  # noqa: E402
+from parity_weights import FIXTURES, load_parity_model as _load, rel_l2 as _rel
 
 # Relative L2, float32. The acceptance criterion is 1e-4; we hold 1e-5 because the reference's
 # own float32-vs-float64 noise here is ~1.3e-6 (we measure ~2e-6), and 1e-5 also catches subtle
 # mistakes that 1e-4 would let through (e.g. the additions LayerNorm eps 1e-12 instead of 1e-5
 # moves the logits by 2.8e-5).
 TOLERANCE = 1e-5
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _base_state_dict(model):
-    """The reference state dict's keys and shapes with its buffers' values; params zero (the
-    recipe overwrites them, except `z`, which it perturbs from its closed-form initial value)."""
-    cfg = model.config
-    sd = {}
-    for key, slot in torch_layout(model).items():
-        if key.endswith("pos_emb.z"):
-            value = positional_features(cfg.long_conv_l_max, cfg.hyena_emb_dim)
-        elif key.endswith("pos_emb.t"):
-            value = time_grid(cfg.long_conv_l_max)
-        elif key.endswith("modulation.deltas"):
-            value = decay_rates(cfg.hidden_size)
-        else:
-            value = np.zeros(slot.torch_shape, np.float32)
-        sd[key] = np.asarray(value, np.float32).reshape(slot.torch_shape)
-    sd[POSITION_IDS_KEY] = np.arange(cfg.max_position_embeddings, dtype=np.int64)[None]
-    return sd
-
-
-def _load(name, model_cls):
-    with open(os.path.join(FIXTURES, f"{name}.config.json")) as f:
-        cfg = config_from_dict(json.load(f))
-    model = abstract_model(model_cls, cfg)
-    sd = parity_recipe.perturb_state_dict(_base_state_dict(model), seed=0)
-    m2jax.import_state_dict(model, sd)
-    return model, np.load(os.path.join(FIXTURES, f"{name}.npz"))
 
 
 def _check_keys(name, model):
