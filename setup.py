@@ -13,6 +13,8 @@ CORE = [
 ]
 DATA = [
     "tokenizers>=0.23",
+    # Progress bars of m2jax.Embedder (optional at run time: no bar without it).
+    "tqdm>=4.66",
     "grain>=0.2.18",
     "tensorflow-datasets>=4.9.10",
     "array-record>=0.8.6",
@@ -32,6 +34,11 @@ TEST = [
     "scipy>=1.13",
     # v5: BertTokenizer (Rust) and BertTokenizerLegacy (Python) for the tokenizer parity test.
     "transformers>=5.0",
+    # The quickstart notebook runs top to bottom in the tests (tests/test_notebook.py).
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
+    "matplotlib>=3.8",
 ]
 
 setup(
@@ -47,7 +54,5 @@ setup(
         "data": DATA,
         "train": TRAIN,
         "test": DATA + TRAIN + TEST,
-        # Reading `pytorch_model.bin` / Composer `model.pt` checkpoints needs torch.
-        "torch": ["torch>=2.0"],
     },
 )

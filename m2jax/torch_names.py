@@ -198,7 +198,9 @@ def import_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -
         if k in sd and tuple(np.shape(sd[k])) != s.torch_shape
     ]
     if missing:
-        problems.append("missing keys: " + ", ".join(missing))
+        problems.append(
+            "missing keys: " + ", ".join(f"{k} {layout[k].torch_shape}" for k in missing)
+        )
     if unexpected:
         problems.append(
             "unexpected keys: " + ", ".join(f"{k} {tuple(np.shape(sd[k]))}" for k in unexpected)

@@ -133,7 +133,7 @@ def test_malformed_tsv_rows(tmp_path, tok, caplog):
         glue_dataset("sst2", "train", f"tsv:{tmp_path}", tokenizer=tok)
     with pytest.raises(ValueError, match="unknown GLUE task 'squad'"):
         glue_dataset("squad", "train", f"tsv:{tmp_path}")
-    with pytest.raises(ValueError, match="only \('wnsense', 'wnpos'\) are embedded"):
+    with pytest.raises(ValueError, match=r"only \('wnsense', 'wnpos'\) are embedded"):
         glue_dataset("rte", "train", "embedded")
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from flax import nnx
 
 import m2jax
@@ -28,24 +29,33 @@ def test_short_conv_equals_torch_conv1d_semantics():
     np.testing.assert_allclose(short_causal_conv(jnp.asarray(p), w, b), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_glu_mixer_equals_dense_computation():
-    cfg = m2jax.get_model_config("tiny")
-    mlp = GLUDimensionMixer(cfg, rngs=nnx.Rngs(0))
-    x = np.random.default_rng(1).standard_normal((2, 16, cfg.hidden_size)).astype(np.float32)
-    W1 = np.asarray(blockdiag_to_dense(mlp.gated_layers.weight[...]))  # (2I, H)
-    W2 = np.asarray(blockdiag_to_dense(mlp.wo.weight[...]))  # (H, I)
+def _dense_glu(mlp, cfg, x, gelu):
+    """The GLU mixer written out with dense matrices, in float64, with a given GELU."""
+    W1 = np.asarray(blockdiag_to_dense(mlp.gated_layers.weight[...]), np.float64)  # (2I, H)
+    W2 = np.asarray(blockdiag_to_dense(mlp.wo.weight[...]), np.float64)  # (H, I)
     g = x @ W1.T
     I = cfg.intermediate_size
-    gelu = np.asarray(jax.nn.gelu(jnp.asarray(g[..., :I]), approximate=False))
-    o = (gelu * g[..., I:]) @ W2.T + np.asarray(mlp.wo.bias[...]) + x
+    o = (gelu(g[..., :I]) * g[..., I:]) @ W2.T + np.asarray(mlp.wo.bias[...]) + x
     mu, var = o.mean(-1, keepdims=True), o.var(-1, keepdims=True)
-    expected = (o - mu) / np.sqrt(var + cfg.layer_norm_eps)
-    np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+    return (o - mu) / np.sqrt(var + cfg.layer_norm_eps)
 
 
-def test_glu_uses_exact_erf_gelu():
-    x = jnp.linspace(-3, 3, 7)
-    assert not np.allclose(jax.nn.gelu(x, approximate=False), jax.nn.gelu(x, approximate=True), atol=1e-4)
+def _erf_gelu(a):
+    return 0.5 * a * (1 + scipy.special.erf(a / np.sqrt(2)))
+
+
+def _tanh_gelu(a):
+    return 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)))
+
+
+def test_glu_mixer_equals_dense_computation_with_exact_gelu():
+    cfg = m2jax.get_model_config("tiny")
+    mlp = GLUDimensionMixer(cfg, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((2, 16, cfg.hidden_size))
+    out = np.asarray(mlp(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(out, _dense_glu(mlp, cfg, x, _erf_gelu), rtol=1e-5, atol=1e-5)
+    # The tolerance above tells the two GELUs apart: the tanh form fails it.
+    assert not np.allclose(out, _dense_glu(mlp, cfg, x, _tanh_gelu), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("additions", [False, True])

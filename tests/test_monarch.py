@@ -98,12 +98,13 @@ def test_monarch_matmul_matches_dense(w1_shape, w2_shape):
     assert dense.shape == (w2_shape[0] * w2_shape[1], n_in)
     y = monarch.monarch_matmul(x, w1, w2, precision=HIGHEST)
     assert y.shape == (3, 2, dense.shape[0])
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ dense.T, rtol=1e-4, atol=1e-4)
+    expected_y = np.asarray(x, np.float64) @ dense.T.astype(np.float64)
+    assert np.linalg.norm(np.asarray(y) - expected_y) / np.linalg.norm(expected_y) < 1e-5
     # Independent of monarch_to_dense: the written-out product of dense factors.
     l, s, r = w2_shape
     expected = (_perm_matrix(l, s) @ np.asarray(monarch.blockdiag_to_dense(w2))
                 @ _perm_matrix(r, l) @ np.asarray(monarch.blockdiag_to_dense(w1)))
-    np.testing.assert_allclose(dense, expected, rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(dense - expected) / np.linalg.norm(expected) < 1e-5
 
 
 def test_monarch_product_is_not_block_diagonal():

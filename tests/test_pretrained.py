@@ -99,7 +99,8 @@ def test_missing_keys_are_listed(tmp_path):
     del sd["bert.encoder.layer.1.mlp.wo.bias"], sd["cls.predictions.decoder.bias"]
     with pytest.raises(m2jax.StateDictMismatch) as e:
         m2jax.from_pretrained(_write(tmp_path, sd))
-    assert "missing keys: bert.encoder.layer.1.mlp.wo.bias, cls.predictions.decoder.bias" in str(e.value)
+    assert ("missing keys: bert.encoder.layer.1.mlp.wo.bias (32,), cls.predictions.decoder.bias (128,)"
+            in str(e.value))
 
 
 def test_unexpected_and_misshaped_keys_are_listed_with_shapes(tmp_path):
@@ -143,7 +144,8 @@ def test_mlm_checkpoint_as_classifier_names_the_head_keys(tmp_path):
     with pytest.raises(m2jax.StateDictMismatch) as e:
         m2jax.from_pretrained(TINY, task="classification")
     msg = str(e.value)
-    assert "missing keys: bert.pooler.dense.weight, bert.pooler.dense.bias, classifier.weight" in msg
+    assert ("missing keys: bert.pooler.dense.weight (32, 32), bert.pooler.dense.bias (32,), "
+            "classifier.weight (2, 32)") in msg
     assert "unexpected keys: cls.predictions" in msg
 
 
