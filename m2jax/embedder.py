@@ -222,3 +222,31 @@ def _progress_bar(total: int, show: bool):
     except ImportError:  # tqdm is optional (absent on some accelerator images)
         return _NoBar()
     return tqdm(total=total, unit="text", desc="embedding", file=sys.stderr)
+
+
+def cosine_top_k(
+    queries_QxH: np.ndarray, corpus_NxH: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` corpus rows most cosine-similar to each query, best first.
+
+    Returns (scores float32 (Q, k'), row indices int64 (Q, k')), k' = min(k, N).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q_QxH, c_NxH = (np.asarray(a, np.float32) for a in (queries_QxH, corpus_NxH))
+    if q_QxH.ndim != 2 or c_NxH.ndim != 2 or q_QxH.shape[1] != c_NxH.shape[1]:
+        raise ValueError(
+            f"queries {q_QxH.shape} and corpus {c_NxH.shape} must be (Q, H) and (N, H)"
+        )
+    if not len(c_NxH):
+        raise ValueError("the corpus is empty")
+    q_QxH, c_NxH = (
+        a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), np.float32(1e-12))
+        for a in (q_QxH, c_NxH)
+    )
+    scores_QxN = q_QxH @ c_NxH.T
+    k = min(k, scores_QxN.shape[1])
+    top_QxK = np.argpartition(-scores_QxN, k - 1, axis=1)[:, :k]
+    order_QxK = np.argsort(-np.take_along_axis(scores_QxN, top_QxK, axis=1), axis=1, kind="stable")
+    top_QxK = np.take_along_axis(top_QxK, order_QxK, axis=1)
+    return np.take_along_axis(scores_QxN, top_QxK, axis=1), top_QxK.astype(np.int64)

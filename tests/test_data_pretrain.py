@@ -6,7 +6,14 @@ import logging
 import numpy as np
 import pytest
 
-from m2jax.data import FileTextSource, host_shard, load_tokenizer, pretrain_batches
+from m2jax.data import (
+    FileTextSource,
+    TfdsTextSource,
+    embedded_source,
+    host_shard,
+    load_tokenizer,
+    pretrain_batches,
+)
 from m2jax.data.masking import IGNORE_INDEX
 
 L = 32
@@ -144,6 +151,7 @@ def test_bad_documents_are_skipped_with_counted_warnings(tmp_path, tok, caplog):
     with caplog.at_level(logging.WARNING, logger="m2jax.data"):
         source = FileTextSource(str(path))
     assert [source[i] for i in range(len(source))] == good
+    assert [source.where(i) for i in range(len(source))] == [f"{path}:{n}" for n in (1, 7, 9)]
     assert source.skip_log.total == 6
     assert source.skip_log.examples["non-UTF-8 bytes"] == [f"{path}:2 (byte 13)"]
     assert source.skip_log.examples["invalid JSON (JSONDecodeError)"] == [f"{path}:3"]
@@ -160,6 +168,7 @@ def test_bad_documents_are_skipped_with_counted_warnings(tmp_path, tok, caplog):
     txt.write_bytes(b"one document\n\nanother\xff\xfe bad\nlast one\n")
     source = FileTextSource(str(txt))
     assert [source[i] for i in range(len(source))] == ["one document", "last one"]
+    assert [source.where(i) for i in range(len(source))] == [f"{txt}:1", f"{txt}:4"]
     assert dict(source.skip_log.counts) == {"empty or whitespace-only document": 1, "non-UTF-8 bytes": 1}
 
 
@@ -260,8 +269,16 @@ def test_tfds_records_with_bad_text_are_skipped_and_counted(tok):
         it = pretrain_batches("tfds:c4/en", max_seq_len=L, global_batch_size=7, shuffle=False,
                               num_epochs=1, process_index=0, process_count=1, tokenizer=tok)
         (batch,) = list(it)
+        assert TfdsTextSource("c4/en", "train").where(7) == "tfds:c4/en[train][7]"
     good = [r["text"].decode() for i, r in enumerate(records) if i not in (2, 5, 7)]
     np.testing.assert_array_equal(_originals(batch), tok.encode_rows(good, L))
     assert it.skip_log.examples == {"non-UTF-8 bytes": ["tfds:c4/en[train][2] (byte 0)"],
                                     "empty or whitespace-only document": ["tfds:c4/en[train][5]"],
                                     "missing field 'text'": ["tfds:c4/en[train][7]"]}
+
+
+def test_embedded_splits_name_the_corpus_line_of_each_document():
+    validation = embedded_source("validation")
+    # every 50th document is held out: documents 0, 50, 100, ... (corpus lines 1, 51, 101, ...)
+    assert validation.where(2).endswith("python_docs_corpus.jsonl.gz:101")
+    assert embedded_source("train").where(0).endswith("python_docs_corpus.jsonl.gz:2")

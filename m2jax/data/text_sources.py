@@ -63,6 +63,10 @@ class TfdsTextSource:
     def __len__(self) -> int:
         return len(self._source)
 
+    def where(self, index: int) -> str:
+        """Where document `index` comes from, for messages and row indexes."""
+        return f"tfds:{self.name}[{self.split}][{index}]"
+
     def __getitem__(self, index: int) -> str | None:
         record = self._source[index]
         where = f"tfds:{self.name}[{self.split}][{index}]"
@@ -90,7 +94,7 @@ class FileTextSource:
         self.files = files
         self._buffers = []
         self._json = []
-        starts, ends, file_ids = [], [], []
+        starts, ends, file_ids, lines = [], [], [], []
         for fid, path in enumerate(files):
             buf, is_json = _open_buffer(path)
             self._buffers.append(buf)
@@ -100,9 +104,11 @@ class FileTextSource:
                     starts.append(start)
                     ends.append(end)
                     file_ids.append(fid)
+                    lines.append(line_no)
         self._starts = np.asarray(starts, dtype=np.int64)
         self._ends = np.asarray(ends, dtype=np.int64)
         self._file_ids = np.asarray(file_ids, dtype=np.int32)
+        self._lines = np.asarray(lines, dtype=np.int64)
         if not len(self._starts):
             raise ValueError(f"no usable document in {files} (skipped: {dict(self.skip_log.counts)})")
 
@@ -124,6 +130,10 @@ class FileTextSource:
 
     def __len__(self) -> int:
         return len(self._starts)
+
+    def where(self, index: int) -> str:
+        """`path:line` of document `index` (bad lines are skipped, so index != line - 1)."""
+        return f"{self.files[int(self._file_ids[index])]}:{int(self._lines[index])}"
 
     def __getitem__(self, index: int) -> str:
         fid = int(self._file_ids[index])
@@ -157,6 +167,9 @@ class SubsetSource:
 
     def __getitem__(self, index: int):
         return self.source[int(self.indices[index])]
+
+    def where(self, index: int) -> str:
+        return self.source.where(int(self.indices[index]))
 
 
 def open_text_source(source: str, split: str = "train", text_field: str = "text",
