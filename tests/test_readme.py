@@ -43,11 +43,35 @@ def test_fill_mask_example_runs(small_checkpoint, capsys):
 def test_model_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_128 = '"tiny", max_position_embeddings=128, long_conv_l_max=128'
-    code = _python_blocks()[1].replace('"m2-bert-base-80m"', tiny_128)
+    code = _python_blocks()[2].replace('"m2-bert-base-80m"', tiny_128)
     scope = {}
     exec(compile(code, "README model example", "exec"), scope)
     assert scope["logits"].shape == (2, 128, 128)
     assert sorted(os.listdir(tmp_path / "out" / "my-m2")) == ["config.json", "model.safetensors"]
+
+
+def test_embedding_example_runs(tmp_path, capsys):
+    cfg = m2jax.get_model_config("tiny", vocab_size=30528, max_position_embeddings=32,
+                                 long_conv_l_max=32, num_labels=10)
+    m2jax.save_pretrained(m2jax.M2BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)),
+                          str(tmp_path))
+    code = _python_blocks()[1].replace('"/path/to/m2-bert-80M-2k-retrieval"', repr(str(tmp_path)))
+    scope = {}
+    exec(compile(code, "README embedding example", "exec"), scope)
+    assert scope["vectors"].shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(scope["vectors"], axis=1), 1.0, rtol=1e-6)
+    doc, score = capsys.readouterr().out.rsplit(" ", 1)
+    assert doc in scope["docs"] and -1 <= float(score) <= 1
+
+
+def test_docs_name_only_files_that_exist():
+    root = os.path.dirname(README)
+    for page in ["README.md", "docs/architecture.md", "docs/porting.md", "docs/training.md",
+                 "docs/data.md", "docs/perf.md"]:
+        text = open(os.path.join(root, page)).read()
+        for path in set(re.findall(r"`((?:m2jax|kernels|launch|configs|benchmarks|notebooks|tests)"
+                                   r"/[\w/.-]+\.(?:py|ipynb|sh|md))", text)):
+            assert os.path.exists(os.path.join(root, path)), f"{page} names {path}"
 
 
 def test_fill_mask_ranks_by_probability_and_names_missing_mask(small_checkpoint):
