@@ -149,7 +149,13 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored = ckpt.restore_latest(abstract)
+    try:
+        # A checkpoint that does not fit this config raises (CheckpointMismatchError) rather
+        # than restarting the run from step 0 over it.
+        restored = ckpt.restore_latest(abstract)
+    except Exception:
+        ckpt.close()
+        raise
     if restored is not None:
         start, state, data_state = restored
         spec.train_batches.set_state(data_state)
@@ -161,12 +167,7 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
     progress = ProgressLine(
         spec.total_steps,
         spec.global_batch_size * spec.seq_len,
-        training_flops_per_token(
-            n_params,
-            spec.model.config.hidden_size,
-            spec.model.config.num_hidden_layers,
-            spec.seq_len,
-        ),
+        training_flops_per_token(spec.model, spec.seq_len, spec.global_batch_size),
     )
     stop = _install_sigterm_flag()
     pending: list[tuple[int, jax.Array]] = []
@@ -235,12 +236,30 @@ def train_loop(config: Any, workdir: str, spec: RunSpec, mesh: jax.sharding.Mesh
 # ---------------------------------------------------------------------------------------------
 # Model construction and initialisation.
 
+# `init_from` value that asks for a random initialisation explicitly (GLUE requires init_from;
+# pretraining also takes "" for it).
+FROM_SCRATCH = "scratch"
+
+
+def _check_model_name(model: Any) -> None:
+    """Recipes list every field under `model.overrides`, filled from the model named when the
+    config was made (`recipes.model_section`): changing `model.name` alone would change nothing."""
+    filled_from = model.get("overrides_from") or model.name
+    if model.name != filled_from:
+        raise ValueError(
+            f"config.model.name is {model.name!r} but config.model.overrides lists every field "
+            f"of {filled_from!r}, so the name would be ignored: pick the recipe variant of "
+            f"{model.name!r}, or change the fields themselves (--config.model.overrides.<field>)"
+        )
+
 
 def build_model(
     config: Any, task: str, mesh: jax.sharding.Mesh | None = None, **model_overrides: Any
 ) -> nnx.Module:
     """A fresh model from the config's named model and overrides, or initialised from
-    `config.init_from` (a checkpoint directory or weights file that `from_pretrained` reads)."""
+    `config.init_from` (a checkpoint directory or weights file that `from_pretrained` reads;
+    "" or "scratch": a random initialisation)."""
+    _check_model_name(config.model)
     overrides = {**dict(config.model.overrides), **model_overrides}
     if (
         mesh is not None
@@ -256,8 +275,9 @@ def build_model(
     cfg = get_model_config(config.model.name, **overrides)
     cls = M2BertForMaskedLM if task == "mlm" else M2BertForSequenceClassification
     model = cls(cfg, rngs=nnx.Rngs(config.seed))
-    if config.get("init_from"):
-        copy_encoder(load_init_source(config.init_from, cfg), model)
+    init_from = config.get("init_from") or FROM_SCRATCH
+    if init_from != FROM_SCRATCH:
+        copy_encoder(load_init_source(init_from, cfg), model)
     return model
 
 
@@ -330,26 +350,63 @@ def copy_encoder(source: nnx.Module, target: nnx.Module) -> None:
         nnx.update(dst.pooler, nnx.state(src.pooler, nnx.Param))
 
 
-def init_distributed(
+# Environment variables of the launchers whose settings `jax.distributed.initialize()` reads
+# itself (its cluster auto-detection).
+CLUSTER_ENV_VARS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "TPU_WORKER_HOSTNAMES",
+    "OMPI_COMM_WORLD_SIZE",
+)
+
+
+def check_distributed_args(
     coordinator: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
-    """`jax.distributed.initialize` when this is one of several processes (flags or the usual
-    cluster environment variables); a no-op for a single process."""
-    env_multi = any(
-        v in os.environ
-        for v in (
-            "JAX_COORDINATOR_ADDRESS",
-            "SLURM_NTASKS",
-            "TPU_WORKER_HOSTNAMES",
-            "OMPI_COMM_WORLD_SIZE",
+    """Raises ValueError naming the problem unless the three settings are all unset (one process,
+    or the cluster environment) or all set and consistent."""
+    given = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    missing = [f"--{name}" for name, value in given.items() if value is None]
+    if len(missing) == len(given):
+        return
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} missing: joining a multi-process run by flags needs all of "
+            "--coordinator_address, --num_processes and --process_id (or none of them on "
+            "SLURM, TPU pods or Open MPI, whose environment jax.distributed reads)"
         )
-    )
-    if coordinator or (num_processes and num_processes > 1):
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address must be host:port, got {coordinator!r}")
+    if num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--process_id must be in [0, {num_processes}) for --num_processes={num_processes}, "
+            f"got {process_id}"
+        )
+
+
+def init_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> bool:
+    """`jax.distributed.initialize` when this is one of several processes (all three settings
+    given, or the usual cluster environment variables); a no-op for a single process. Returns
+    whether it initialised."""
+    check_distributed_args(coordinator, num_processes, process_id)
+    if coordinator is not None:
         jax.distributed.initialize(
             coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
         )
-    elif env_multi:
+        return True
+    if any(v in os.environ for v in CLUSTER_ENV_VARS):
         jax.distributed.initialize()
+        return True
+    return False
 
 
 class EpochBatches:
