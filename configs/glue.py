@@ -1,43 +1,113 @@
 """GLUE fine-tuning recipes (spec section 0): `--config=configs/glue.py:<variant>`.
 
-Variants: m2_base_80m (default), m2_base_110m, smoke (the embedded `wnpos` task, CPU minutes).
-`init_from` must point at a pretrained checkpoint (an m2jax `final/` export or a released one).
-MNLI runs first; RTE, MRPC and STS-B start from its fine-tuned model (`start_from_task`).
+Variants: m2_base_80m (default), m2_base_110m, m2_large_260m, m2_large_341m (the reference's
+finetune-glue yamls), smoke (the embedded `wnpos` task, CPU minutes).
+`init_from` is required: a pretraining work directory, its `final/` export or a released
+checkpoint; "scratch" fine-tunes a random model on purpose. MNLI runs first; RTE, MRPC and STS-B
+start from its fine-tuned model (`start_from_task`). Every M2BertConfig field is under
+`model.overrides` (`--config.model.overrides.<field>=...`).
 """
 
 import ml_collections
 
-# Per task: lr, weight decay, optimizer ("decoupled" = Composer DecoupledAdamW, "adamw" = torch
-# AdamW), epochs, batch size, seeds, pooling (pool_all: mean pooling, a per-task quirk of the
-# reference configs). 80M recipe.
-_TASKS_80M = {
-    "mnli": dict(lr=5e-5, wd=5e-6, opt="decoupled", epochs=3, bs=48, seeds=[19], pool_all=False),
-    "qnli": dict(lr=5e-5, wd=1e-6, opt="decoupled", epochs=10, bs=16, seeds=[19], pool_all=True),
-    "qqp": dict(lr=3e-5, wd=0.01, opt="adamw", epochs=10, bs=16, seeds=[19], pool_all=False),
-    "sst2": dict(lr=3e-5, wd=3e-6, opt="decoupled", epochs=3, bs=16, seeds=[19, 8364, 717],
-                 pool_all=True),
-    "cola": dict(lr=5e-5, wd=5e-6, opt="decoupled", epochs=10, bs=32,
-                 seeds=[19, 8364, 717, 10536], pool_all=True),
-    "rte": dict(lr=5e-5, wd=0.01, opt="adamw", epochs=6, bs=16,
-                seeds=[19, 8364, 717, 10536, 90166], pool_all=False, start_from_task="mnli"),
-    "mrpc": dict(lr=5e-5, wd=0.01, opt="adamw", epochs=10, bs=32,
-                 seeds=[19, 8364, 717, 10536, 90166], pool_all=True, start_from_task="mnli"),
-    "stsb": dict(lr=7e-5, wd=0.01, opt="adamw", epochs=10, bs=32,
-                 seeds=[19, 8364, 717, 10536, 90166], pool_all=True, start_from_task="mnli"),
+from m2jax.recipes import model_section, padded_vocab_size
+
+# What a task gets when its yaml entry sets nothing: the defaults of the reference's job classes
+# (src/glue/finetuning_jobs.py). lr, weight decay, optimizer ("decoupled" = Composer
+# DecoupledAdamW; "adamw" = torch AdamW, which the jobs use for any other optim_name), epochs,
+# batch size. No yaml changes a batch size.
+_JOB_DEFAULTS = {
+    "mnli": dict(lr=5e-5, wd=5e-6, opt="decoupled", epochs=3, bs=48),
+    "qnli": dict(lr=1e-5, wd=1e-6, opt="decoupled", epochs=10, bs=16),
+    "qqp": dict(lr=3e-5, wd=3e-6, opt="decoupled", epochs=5, bs=16),
+    "sst2": dict(lr=3e-5, wd=3e-6, opt="decoupled", epochs=3, bs=16),
+    "cola": dict(lr=5e-5, wd=5e-6, opt="decoupled", epochs=10, bs=32),
+    "rte": dict(lr=1e-5, wd=1e-6, opt="decoupled", epochs=3, bs=16),
+    "mrpc": dict(lr=8e-5, wd=8e-6, opt="decoupled", epochs=10, bs=32),
+    "stsb": dict(lr=3e-5, wd=3e-6, opt="decoupled", epochs=10, bs=32),
 }
 
-# 110M: lr / wd / optimizer differ (decoupled unless noted); epochs as the 80M recipe.
-_110M_CHANGES = {
-    "mnli": dict(lr=5e-5, wd=5e-6), "rte": dict(lr=1e-5, wd=1e-6, opt="decoupled"),
-    "qqp": dict(lr=3e-5, wd=3e-6, opt="decoupled"), "qnli": dict(lr=5e-5, wd=1e-6),
-    "sst2": dict(lr=3e-5, wd=3e-6), "stsb": dict(lr=8e-5, wd=3e-6, opt="decoupled"),
-    "mrpc": dict(lr=8e-5, wd=8e-5, opt="decoupled"), "cola": dict(lr=8e-5, wd=5e-6, opt="adamw"),
+# The same in every yaml: seeds (the rest run default_seed 19 only) and which tasks start from
+# MNLI's fine-tuned model.
+_SEEDS = {"sst2": [19, 8364, 717], "cola": [19, 8364, 717, 10536],
+          "rte": [19, 8364, 717, 10536, 90166], "mrpc": [19, 8364, 717, 10536, 90166],
+          "stsb": [19, 8364, 717, 10536, 90166]}
+_FROM_MNLI = ("rte", "mrpc", "stsb")
+
+# Mean pooling (pool_all). Only QNLI asks for it, but the reference's glue.py writes it into the
+# model config it shares between tasks and never resets it, so every task after QNLI in the
+# yamls' order (mnli, rte, qqp, qnli, sst2, stsb, mrpc, cola) pools the same way (spec section 0).
+_YAML_ORDER = ("mnli", "rte", "qqp", "qnli", "sst2", "stsb", "mrpc", "cola")
+_POOL_ALL = set(_YAML_ORDER[_YAML_ORDER.index("qnli"):])
+
+# Per variant: the named model config, and what its finetune-glue yaml sets per task
+# (trainer_kwargs: lr, wd, optim_name, max_duration) over the job defaults.
+_VARIANTS = {
+    # monarch-mixer-finetune-glue-768dim-80m-parameters.yaml; the released 80M checkpoint has
+    # hyena_training_additions.
+    "m2_base_80m": ("m2-bert-base-80m-released", {
+        "mnli": dict(lr=5e-5, wd=5e-6),
+        "rte": dict(lr=5e-5, wd=0.01, opt="adamw", epochs=6),
+        "qqp": dict(lr=3e-5, wd=0.01, opt="adamw", epochs=10),
+        "qnli": dict(lr=5e-5, wd=1e-6),
+        "sst2": dict(lr=3e-5, wd=3e-6),
+        "stsb": dict(lr=7e-5, wd=0.01, opt="adamw"),
+        "mrpc": dict(lr=5e-5, wd=0.01, opt="adamw"),
+        "cola": dict(lr=5e-5, wd=5e-6),
+    }),
+    # monarch-mixer-finetune-glue-960dim-parameter-matched.yaml (no max_duration anywhere).
+    "m2_base_110m": ("m2-bert-base-110m", {
+        "mnli": dict(lr=5e-5, wd=5e-6),
+        "rte": dict(lr=1e-5, wd=1e-6),
+        "qqp": dict(lr=3e-5, wd=3e-6),
+        "qnli": dict(lr=5e-5, wd=1e-6),
+        "sst2": dict(lr=3e-5, wd=3e-6),
+        "stsb": dict(lr=8e-5, wd=3e-6),
+        "mrpc": dict(lr=8e-5, wd=8e-5),
+        "cola": dict(lr=8e-5, wd=5e-6, opt="adamw"),
+    }),
+    # monarch-mixer-large-finetune-glue-1536dim-260m-parameters.yaml
+    "m2_large_260m": ("m2-bert-large-260m", {
+        "mnli": dict(lr=5e-5, wd=5e-6),
+        "rte": dict(lr=1e-5, wd=1e-6),
+        "qqp": dict(lr=3e-5, wd=3e-6),
+        "qnli": dict(lr=5e-5, wd=1e-6),
+        "sst2": dict(lr=3e-5, wd=3e-6),
+        "stsb": dict(lr=7e-5, wd=3e-6, epochs=10),
+        "mrpc": dict(lr=8e-5, wd=8e-6),
+        "cola": dict(lr=5e-5, wd=5e-6),
+    }),
+    # monarch-mixer-large-finetune-glue-1792dim-341m-parameters.yaml
+    "m2_large_341m": ("m2-bert-large-341m", {
+        "mnli": dict(lr=5e-5, wd=5e-6),
+        "rte": dict(lr=5e-5, wd=1e-6, opt="adamw", epochs=2),
+        "qqp": dict(lr=3e-5, wd=3e-6),
+        "qnli": dict(lr=5e-5, wd=1e-6),
+        "sst2": dict(lr=3e-5, wd=3e-6),
+        "stsb": dict(lr=8e-5, wd=3e-6, epochs=8),
+        "mrpc": dict(lr=8e-5, wd=8e-6),
+        "cola": dict(lr=5e-5, wd=1e-6),
+    }),
 }
 
-# The shipped offline task (WordNet definitions: noun or verb?), small enough for a CPU.
+# The shipped offline task (WordNet definitions: noun or verb?), small enough for a CPU; the
+# smoke model is configs/pretrain.py's, so it fine-tunes that recipe's output.
 _SMOKE_TASKS = {
     "wnpos": dict(lr=1e-4, wd=1e-6, opt="decoupled", epochs=2, bs=32, seeds=[19], pool_all=False),
 }
+_SMOKE_MODEL = {"dtype": "float32", "hidden_size": 128, "intermediate_size": 256,
+                "num_hidden_layers": 2, "hyena_filter_order": 32, "max_position_embeddings": 64,
+                "long_conv_l_max": 64}
+
+
+def _recipe_tasks(yaml: dict) -> dict:
+    tasks = {}
+    for name, defaults in _JOB_DEFAULTS.items():
+        tasks[name] = {**defaults, **yaml.get(name, {}), "seeds": _SEEDS.get(name, [19]),
+                       "pool_all": name in _POOL_ALL}
+        if name in _FROM_MNLI:
+            tasks[name]["start_from_task"] = "mnli"
+    return tasks
 
 
 def _task(spec: dict) -> ml_collections.ConfigDict:
@@ -53,23 +123,26 @@ def _task(spec: dict) -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
-    if variant not in ("m2_base_80m", "m2_base_110m", "smoke"):
-        raise ValueError(f"unknown GLUE variant {variant!r}; known: m2_base_80m, m2_base_110m, smoke")
-    tasks = {k: dict(v) for k, v in (_SMOKE_TASKS if variant == "smoke" else _TASKS_80M).items()}
-    if variant == "m2_base_110m":
-        for k, change in _110M_CHANGES.items():
-            tasks[k].update(change)
+    known = [*_VARIANTS, "smoke"]
+    if variant not in known:
+        raise ValueError(f"unknown GLUE variant {variant!r}; known: {', '.join(known)}")
+    if variant == "smoke":
+        name, changes, tasks = "m2-bert-base-80m", _SMOKE_MODEL, _SMOKE_TASKS
+    else:
+        name, yaml = _VARIANTS[variant]
+        changes, tasks = {"dtype": "bfloat16"}, _recipe_tasks(yaml)
     c = ml_collections.ConfigDict()
     c.seed = 19  # replaced by each task's seeds
-    c.model = ml_collections.ConfigDict()
-    c.model.name = {"m2_base_80m": "m2-bert-base-80m-released", "m2_base_110m": "m2-bert-base-110m",
-                    "smoke": "m2-bert-base-80m"}[variant]
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
-    # Pretrained weights (required for meaningful scores): a pretraining work directory, a
-    # `final/` export or a released checkpoint.
+    # model.name: a key of m2jax.config.MODEL_CONFIGS; model.overrides: every M2BertConfig field,
+    # filled from it (num_labels and pool_all are set per task). Vocabulary padded to 30528 as
+    # the reference's models and configs/pretrain.py's, so either's weights load.
+    c.model = model_section(name, vocab_size=padded_vocab_size(), **changes)
+    # Required: a pretraining work directory (its newest checkpoint), a `final/` export or a
+    # released checkpoint; "scratch" = a random initialisation on purpose ("" is an error).
     c.init_from = ""
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # 'tfds', 'tsv:<GLUE dir>' or 'embedded' (wnsense only)
+    # 'tfds', 'tsv:<GLUE dir>' or 'embedded' (the shipped offline tasks, wnpos and wnsense)
+    c.data.source = "tfds"
     c.data.data_dir = ""
     c.data.shuffle = False  # the reference does not shuffle GLUE training data
     c.tasks = ml_collections.ConfigDict({k: _task(v) for k, v in tasks.items()})
@@ -88,10 +161,6 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.checkpoint = ml_collections.ConfigDict({"every": 2000, "keep": 1, "async_save": True})
     if variant == "smoke":
-        c.model.overrides = ml_collections.ConfigDict(
-            {"dtype": "float32", "hidden_size": 128, "intermediate_size": 256,
-             "num_hidden_layers": 2, "hyena_filter_order": 32, "max_position_embeddings": 64,
-             "long_conv_l_max": 64})
         c.data.source = "embedded"
         c.log_every = 25
         c.eval_batch_size = 32

@@ -2,9 +2,12 @@
 
 Variants: m2_base_80m (default), m2_base_110m, m2_large_260m, m2_large_341m, m2_80m_2k,
 m2_80m_8k, m2_80m_32k, and smoke (a small model on the embedded corpus; minutes on a CPU).
+Every M2BertConfig field is under `model.overrides` (`--config.model.overrides.<field>=...`).
 """
 
 import ml_collections
+
+from m2jax.recipes import model_section, padded_vocab_size
 
 # Named model config and the fields that differ from it, per variant.
 _MODELS = {
@@ -26,13 +29,14 @@ _MODELS = {
 def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     if variant not in _MODELS:
         raise ValueError(f"unknown pretraining variant {variant!r}; known: {sorted(_MODELS)}")
-    name, overrides = _MODELS[variant]
+    name, changes = _MODELS[variant]
     c = ml_collections.ConfigDict()
     c.seed = 17  # parameter init, data order, dropout
-    c.model = ml_collections.ConfigDict()
-    c.model.name = name  # a key of m2jax.config.MODEL_CONFIGS
-    # M2BertConfig fields to change. bf16 compute, as the published runs (spec 8).
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16", **overrides})
+    # model.name: a key of m2jax.config.MODEL_CONFIGS; model.overrides: every M2BertConfig field,
+    # filled from it. The vocabulary is the tokenizer's padded to a multiple of 8 (30528), as the
+    # reference builds every model (create_bert.py), so the GLUE recipes and released weights fit.
+    # bf16 compute, as the published runs (spec 8).
+    c.model = model_section(name, vocab_size=padded_vocab_size(), dtype="bfloat16", **changes)
     # "" = from scratch; else a work directory, a `final/` export or a released checkpoint.
     c.init_from = ""
 
@@ -81,6 +85,12 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.export_final = True  # also write workdir/final in the reference's layout
 
     if variant.startswith("m2_80m_"):
+        # Long-context runs. The reference publishes no pretraining recipe for the 80M 2k/8k/32k
+        # retrieval checkpoints; its only long-input yaml (341M at 2k) uses global batch 256,
+        # taken here. The peak lr 8e-4 and the 70,000 steps (17,920,000 samples, a duration
+        # listed in that yaml's comments; it runs 286,720,000) are m2jax's choices: they keep
+        # these variants the 80M recipe but for length and batch. That yaml's lr is 5e-4
+        # (--config.optimizer.lr=5e-4); see docs/training.md.
         c.global_batch_size = 256
     if variant == "smoke":
         c.model.overrides.dtype = "float32"

@@ -3,7 +3,9 @@
   python launch/finetune_glue.py --config=configs/glue.py:m2_base_80m \
       --config.init_from=/path/to/m2-bert-80M --workdir=out/glue
 
-Offline on the shipped task: --config=configs/glue.py:smoke --config.init_from=out/smoke/final.
+`--config.init_from` is required (a pretraining workdir, a `final/` export, a released checkpoint;
+`scratch` for a random initialisation). Offline on the shipped task:
+--config=configs/glue.py:smoke --config.init_from=out/smoke/final.
 Results: <workdir>/results.json (task scores, mean over seeds; the GLUE average) and one
 results.json per task and seed.
 """
@@ -17,7 +19,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from m2jax.recipes import run_glue  # noqa: E402
-from launch.distributed_flags import init_distributed_from_flags  # noqa: E402
+from launch.distributed_flags import init_distributed_from_flags, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "GLUE config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "one folder per task and seed", required=True)
@@ -38,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

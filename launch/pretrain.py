@@ -1,7 +1,8 @@
 """MLM pretraining: `python launch/pretrain.py --config=configs/pretrain.py:smoke --workdir=out/smoke`.
 
-Config overrides: `--config.total_steps=1000 --config.optimizer.lr=5e-4`. Re-running with the same
-workdir resumes from its newest checkpoint. For several processes (multi-host GPU/TPU), start one
+Config overrides: `--config.total_steps=1000 --config.optimizer.lr=5e-4`; every model field too
+(`--config.model.overrides.long_conv_implementation=monarch`). Re-running with the same workdir
+resumes from its newest checkpoint. For several processes (multi-host GPU/TPU), start one
 per host with --coordinator_address/--num_processes/--process_id, or rely on the cluster's
 environment (SLURM, TPU pods), which jax.distributed reads itself.
 """
@@ -15,7 +16,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from m2jax.recipes import run_pretraining  # noqa: E402
-from launch.distributed_flags import init_distributed_from_flags  # noqa: E402
+from launch.distributed_flags import init_distributed_from_flags, parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "pretraining config file", lock_config=True
@@ -40,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

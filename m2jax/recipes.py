@@ -5,19 +5,82 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from typing import Any
+import typing
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 from m2jax import sharding as shd
+from m2jax.config import TOKENIZER_VOCAB_SIZE, M2BertConfig, get_model_config
 from m2jax.pretrained import save_pretrained
 from m2jax.run_logging import write_results
-from m2jax.trainer import EpochBatches, RunSpec, build_model, train_loop
+from m2jax.trainer import FROM_SCRATCH, EpochBatches, RunSpec, build_model, train_loop
+
+if TYPE_CHECKING:
+    import ml_collections
+
+# The reference rounds the tokenizer's vocabulary up to a multiple of 8 before it builds any
+# model (create_bert.py), so every checkpoint it wrote, the released ones included, has 30528
+# rows; recipes do the same so that pretraining, GLUE and released weights fit one another.
+VOCAB_MULTIPLE = 8
+
+
+def padded_vocab_size(
+    tokenizer_size: int = TOKENIZER_VOCAB_SIZE, multiple: int = VOCAB_MULTIPLE
+) -> int:
+    """`tokenizer_size` rounded up to a multiple of `multiple` (30522 -> 30528)."""
+    return -(-tokenizer_size // multiple) * multiple
+
+
+def _field_type(hint: Any) -> type:
+    """The one concrete type of an M2BertConfig annotation (`float | None` -> float)."""
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    return kinds[0]
+
+
+def model_section(name: str, **changes: Any) -> ml_collections.ConfigDict:
+    """A recipe's `config.model`: the named model config with EVERY M2BertConfig field listed
+    under `overrides`, filled from `name` plus `changes`.
+
+    Listing them all is what makes each one settable from the command line
+    (`--config.model.overrides.<field>=...`) although the launches lock the config, and gives
+    each a type for ml_collections to check; a field whose value is None (classifier_dropout)
+    is a typed placeholder. `overrides_from` records `name`, so that `build_model` can tell a
+    later change of `model.name` alone (which these complete fields would silently overrule).
+    """
+    import ml_collections
+    from ml_collections import config_dict
+
+    base = get_model_config(name)
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(M2BertConfig)})
+    if unknown:
+        raise ValueError(f"{unknown} are not M2BertConfig fields (m2jax/config.py)")
+    hints = typing.get_type_hints(M2BertConfig)
+    overrides = ml_collections.ConfigDict()
+    for field in dataclasses.fields(M2BertConfig):
+        overrides[field.name] = config_dict.placeholder(_field_type(hints[field.name]))
+        value = changes.get(field.name, getattr(base, field.name))
+        if value is not None:
+            overrides[field.name] = value
+    model = ml_collections.ConfigDict()
+    model.name = name  # a key of m2jax.config.MODEL_CONFIGS: where the fields below come from
+    model.overrides_from = name  # checked against model.name by trainer.build_model
+    model.overrides = overrides
+    return model
+
+
+def _write_config(workdir: str, config: Any) -> None:
+    """`workdir/config.json`: the run's resolved config (process 0), for the record."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
 
 
 def _host() -> tuple[int, int]:
@@ -80,6 +143,7 @@ def run_pretraining(config: Any, workdir: str) -> dict[str, Any]:
         return {"mlm_loss": loss / max(count, 1.0), "mlm_accuracy": correct / max(count, 1.0)}
 
     spec = RunSpec("mlm", model, train, config.total_steps, config.global_batch_size, L, evaluate)
+    _write_config(workdir, config)
     results = train_loop(config, workdir, spec, mesh)
     if config.get("export_final", True) and results["status"] == "completed":
         save_pretrained(spec.model, os.path.join(workdir, "final"))
@@ -159,12 +223,26 @@ def run_glue_task(
     return results
 
 
+def glue_init_source(config: Any) -> str:
+    """`config.init_from`, which GLUE requires: an empty value would fine-tune a random model and
+    report near-chance scores as if they were results. `"scratch"` opts into that on purpose."""
+    init_from = config.get("init_from") or ""
+    if not init_from:
+        raise ValueError(
+            "config.init_from is empty: GLUE fine-tuning starts from pretrained weights; set "
+            "--config.init_from to a pretraining work directory, a final/ export or a released "
+            f"checkpoint, or to {FROM_SCRATCH!r} to fine-tune a randomly initialised model"
+        )
+    return init_from
+
+
 def run_glue(config: Any, workdir: str) -> dict[str, Any]:
     """Every task in `config.task_order`, every seed; chained tasks start from the first seed's
     final model of their parent (MNLI -> RTE, MRPC, STS-B). Writes `workdir/results.json` with
     per-task scores (mean over seeds) and the GLUE average when all eight tasks ran."""
     from m2jax.data import GLUE_SCORE_TASKS, glue_average
 
+    init_from = glue_init_source(config)
     scores: dict[str, float] = {}
     per_seed: dict[str, list[float]] = {}
     for task in config.task_order:
@@ -173,7 +251,7 @@ def run_glue(config: Any, workdir: str) -> dict[str, Any]:
         init = (
             os.path.join(workdir, parent, f"seed_{config.tasks[parent].seeds[0]}", "final")
             if parent
-            else (config.get("init_from") or None)
+            else init_from
         )
         per_seed[task] = []
         for seed in t.seeds:
@@ -189,6 +267,5 @@ def run_glue(config: Any, workdir: str) -> dict[str, Any]:
     if all(task in scores for task in GLUE_SCORE_TASKS):
         results["glue_average"] = glue_average(scores)
     write_results(workdir, results)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
+    _write_config(workdir, config)
     return results
