@@ -175,7 +175,18 @@ class MLMHead(nnx.Module):
         return logits.astype(jnp.float32) + self.decoder_bias[...]
 
 
-class M2BertForMaskedLM(nnx.Module):
+class _M2BertTask(nnx.Module):
+    """What every M2-BERT model with a task head offers besides its call."""
+
+    config: M2BertConfig
+
+    @property
+    def params(self) -> nnx.State:
+        """The trainable parameters (constants such as `t` and `deltas` left out)."""
+        return nnx.state(self, nnx.Param)
+
+
+class M2BertForMaskedLM(_M2BertTask):
     """M2-BERT with the masked-language-model head.
 
     `model(input_ids, token_type_ids=None, attention_mask=None)` -> logits float32 (B, L, V).
@@ -204,12 +215,8 @@ class M2BertForMaskedLM(nnx.Module):
         )
         return self.cls(h_BxLxH, self.bert.embeddings.word_embeddings.embedding[...])
 
-    @property
-    def params(self) -> nnx.State:
-        return nnx.state(self, nnx.Param)
 
-
-class M2BertForSequenceClassification(nnx.Module):
+class M2BertForSequenceClassification(_M2BertTask):
     """M2-BERT with a pooler and a linear classifier (regression when `num_labels == 1`).
 
     `model(input_ids, token_type_ids=None, attention_mask=None)` -> logits float32 (B, num_labels).
@@ -249,12 +256,8 @@ class M2BertForSequenceClassification(nnx.Module):
             p_BxH = dropout(p_BxH, rate, _fold(dropout_rng, 1))
         return self.classifier(p_BxH).astype(jnp.float32)
 
-    @property
-    def params(self) -> nnx.State:
-        return nnx.state(self, nnx.Param)
 
-
-class M2BertForTextEncoding(nnx.Module):
+class M2BertForTextEncoding(_M2BertTask):
     """M2-BERT encoder and pooler without a head: the released long-context retrieval models.
 
     Those checkpoints are sequence-classification state dicts whose classifier is not used; the
@@ -264,7 +267,9 @@ class M2BertForTextEncoding(nnx.Module):
 
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
         if cfg.use_cls_token:
-            raise ValueError("M2BertForTextEncoding embeds with the pooler; use_cls_token must be False")
+            raise ValueError(
+                "M2BertForTextEncoding embeds with the pooler; use_cls_token must be False"
+            )
         self.config = cfg
         self.bert = M2BertModel(cfg, add_pooler=True, rngs=rngs)
 
@@ -279,10 +284,6 @@ class M2BertForTextEncoding(nnx.Module):
         return _sentence_representation(
             self.bert, input_ids, token_type_ids, attention_mask, dropout_rng
         )
-
-    @property
-    def params(self) -> nnx.State:
-        return nnx.state(self, nnx.Param)
 
 
 def _sentence_representation(
