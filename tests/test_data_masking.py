@@ -26,8 +26,14 @@ def _rows(rng, n_rows, length):
 def test_rate_split_and_specials(p):
     rng = np.random.default_rng(1)
     ids = _rows(rng, 2000, 128)  # 256k positions, ~130k real tokens
-    out, labels = mask_tokens(ids, np.random.default_rng(2), mlm_probability=p, mask_id=MASK,
-                              vocab_size=VOCAB, special_ids=SPECIAL)
+    out, labels = mask_tokens(
+        ids,
+        np.random.default_rng(2),
+        mlm_probability=p,
+        mask_id=MASK,
+        vocab_size=VOCAB,
+        special_ids=SPECIAL,
+    )
     assert out.dtype == np.int32 and labels.dtype == np.int32 and out.shape == ids.shape
     special = np.isin(ids, SPECIAL)
     real = ~special
@@ -52,8 +58,14 @@ def test_rate_split_and_specials(p):
 def test_random_tokens_come_from_tokenizer_vocab_only():
     """Models pad the embedding to 30528; replacements must stay below the tokenizer's 30522."""
     ids = np.full((400, 512), 5000, np.int32)
-    out, labels = mask_tokens(ids, np.random.default_rng(0), mlm_probability=1.0, mask_id=MASK,
-                              vocab_size=VOCAB, special_ids=SPECIAL)
+    out, labels = mask_tokens(
+        ids,
+        np.random.default_rng(0),
+        mlm_probability=1.0,
+        mask_id=MASK,
+        vocab_size=VOCAB,
+        special_ids=SPECIAL,
+    )
     replaced = out[(out != MASK) & (out != 5000)]
     assert len(replaced) > 15_000
     assert replaced.min() >= 0 and replaced.max() < VOCAB
@@ -86,9 +98,14 @@ def test_selects_exactly_the_tokens_the_reference_collator_may_select():
     tok = load_tokenizer()
     ids = GOLDEN["input_ids"]
     assert all(np.any(ids == t) for t in SPECIAL)
-    _, labels = mask_tokens(ids, np.random.default_rng(0), mlm_probability=1.0,
-                            mask_id=tok.mask_id, vocab_size=tok.vocab_size,
-                            special_ids=tok.special_ids)
+    _, labels = mask_tokens(
+        ids,
+        np.random.default_rng(0),
+        mlm_probability=1.0,
+        mask_id=tok.mask_id,
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special_ids,
+    )
     np.testing.assert_array_equal(labels != IGNORE_INDEX, GOLDEN["eligible"])
 
 
@@ -100,9 +117,14 @@ def test_split_matches_the_reference_collator(row):
     p = float(GOLDEN["stats_p"][row])
     ids = np.tile(GOLDEN["input_ids"], (120, 1))
     eligible = np.tile(GOLDEN["eligible"], (120, 1))
-    out, labels = mask_tokens(ids, np.random.default_rng(row), mlm_probability=p,
-                              mask_id=tok.mask_id, vocab_size=tok.vocab_size,
-                              special_ids=tok.special_ids)
+    out, labels = mask_tokens(
+        ids,
+        np.random.default_rng(row),
+        mlm_probability=p,
+        mask_id=tok.mask_id,
+        vocab_size=tok.vocab_size,
+        special_ids=tok.special_ids,
+    )
     sel = labels != IGNORE_INDEX
     assert not np.any(sel & ~eligible)
     n = sel.sum()
@@ -110,7 +132,9 @@ def test_split_matches_the_reference_collator(row):
     ours.append(1.0 - ours[1] - ours[2])
     theirs = GOLDEN["stats"][row]
     counts = [eligible.sum(), n, n, n]
-    golden_counts = [GOLDEN["stats_selected"][row] / theirs[0]] + [GOLDEN["stats_selected"][row]] * 3
+    golden_counts = [GOLDEN["stats_selected"][row] / theirs[0]] + [
+        GOLDEN["stats_selected"][row]
+    ] * 3
     for mine, ref, n_mine, n_ref in zip(ours, theirs, counts, golden_counts):
         sigma = np.sqrt(ref * (1 - ref) * (1 / n_mine + 1 / n_ref))
         assert abs(mine - ref) < 5 * sigma, (p, ours, theirs)
@@ -120,5 +144,11 @@ def test_mask_id_must_be_special():
     """A [MASK] already in the text must never be selected; a special-id list without it is an
     error rather than a silent difference from the reference."""
     with pytest.raises(ValueError, match="special_ids must include mask_id 103"):
-        mask_tokens(np.zeros((1, 4), np.int32), np.random.default_rng(0), mlm_probability=0.5,
-                    mask_id=MASK, vocab_size=VOCAB, special_ids=(PAD, CLS, SEP))
+        mask_tokens(
+            np.zeros((1, 4), np.int32),
+            np.random.default_rng(0),
+            mlm_probability=0.5,
+            mask_id=MASK,
+            vocab_size=VOCAB,
+            special_ids=(PAD, CLS, SEP),
+        )

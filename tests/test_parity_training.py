@@ -58,8 +58,10 @@ def _train_step_gradients(model, golden, task):
     graphdef, params, consts = nnx.split(model, nnx.Param, ...)
     tx = _keep_gradients()
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
-    batch = {k: jnp.asarray(golden[k]) for k in
-             ("input_ids", "token_type_ids", "attention_mask", "labels")}
+    batch = {
+        k: jnp.asarray(golden[k])
+        for k in ("input_ids", "token_type_ids", "attention_mask", "labels")
+    }
     step = jax.jit(make_train_step(graphdef, consts, tx, task)).lower(state, batch)
     state, metrics = step.compile(compiler_options=FAST_COMPILE)(state, batch)
     grads = state.opt_state
@@ -82,7 +84,7 @@ def test_gradients_with_padding_match_reference(name, model_cls, task):
     assert (golden["input_ids"] == model.config.pad_token_id).sum() == 40
     assert len(np.unique(golden["token_type_ids"])) == 2
     ours, metrics, n_values = _train_step_gradients(model, golden, task)
-    reference = {k[len("grad."):]: golden[k] for k in golden.files if k.startswith("grad.")}
+    reference = {k[len("grad.") :]: golden[k] for k in golden.files if k.startswith("grad.")}
     # Every parameter is judged: the reference's unique Parameters hold as many values as ours.
     assert n_values == sum(g.size for g in reference.values())
     errors = {k: rel_l2(ours[k], g) for k, g in reference.items()}
@@ -106,8 +108,18 @@ STEPS = np.load(os.path.join(FIXTURES, "optimizer_steps.npz"))
 # Measured <= 9e-7 (float32 arithmetic against the float64 golden). For scale: coupled instead of
 # decoupled weight decay changes some tensor's step by 74%, no clipping by 130%, eps 1e-8 by 800%.
 OPT_TOLERANCE = 1e-5
-HYPERPARAMETERS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "clip_norm",
-                   "warmup_fraction", "final_lr_fraction", "total_steps")
+HYPERPARAMETERS = (
+    "name",
+    "lr",
+    "b1",
+    "b2",
+    "eps",
+    "weight_decay",
+    "clip_norm",
+    "warmup_fraction",
+    "final_lr_fraction",
+    "total_steps",
+)
 
 
 def _recipe_optimizer_config(recipe: str, total_steps: int):
@@ -150,8 +162,12 @@ def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
     # The recipe's defaults are the reference yaml's settings.
     assert {k: getattr(cfg, k) for k in HYPERPARAMETERS} == pytest.approx(hp)
     assert cfg.param_groups == "single"
-    np.testing.assert_allclose([learning_rate_at(cfg, k) for k in range(len(STEPS[f"{case}.lr"]))],
-                               STEPS[f"{case}.lr"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        [learning_rate_at(cfg, k) for k in range(len(STEPS[f"{case}.lr"]))],
+        STEPS[f"{case}.lr"],
+        rtol=1e-6,
+        atol=1e-12,
+    )
 
     model = _recipe_model(config_name, model_cls)
     holder = abstract_model(model_cls, model.config)
@@ -166,7 +182,7 @@ def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
     update_norms = []
     for step, norm in enumerate(STEPS[f"{case}.grad_norm"]):
         grads = optimizer_recipe.synthetic_gradients(shapes, step)
-        assert np.sqrt(sum((g ** 2).sum() for g in grads.values())) == pytest.approx(norm)
+        assert np.sqrt(sum((g**2).sum() for g in grads.values())) == pytest.approx(norm)
         updates, opt_state = update(_as_params(holder, grads), opt_state, params)
         params = optax.apply_updates(params, updates)
         nnx.update(holder, updates)
@@ -175,8 +191,9 @@ def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
         for n in names:
             total[n] += torch_updates[n]
     # Every step moves every tensor by the reference's amount (0 where the rate is 0) ...
-    np.testing.assert_allclose(update_norms, STEPS[f"{case}.update_norm"], rtol=OPT_TOLERANCE,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        update_norms, STEPS[f"{case}.update_norm"], rtol=OPT_TOLERANCE, atol=1e-12
+    )
     # ... and the summed updates match elementwise.
     golden = np.split(STEPS[f"{case}.delta"], np.cumsum([np.prod(s) for s in shapes.values()])[:-1])
     errors = {n: rel_l2(total[n], g.reshape(shapes[n])) for n, g in zip(names, golden)}

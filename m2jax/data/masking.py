@@ -41,7 +41,9 @@ def mask_tokens(
             f"tokens); got {tuple(special_ids)}"
         )
     ids = np.asarray(input_ids, dtype=np.int32)
-    selected = (rng.random(ids.shape, dtype=np.float32) < mlm_probability) & ~np.isin(ids, special_ids)
+    selected = (rng.random(ids.shape, dtype=np.float32) < mlm_probability) & ~np.isin(
+        ids, special_ids
+    )
     labels = np.where(selected, ids, np.int32(IGNORE_INDEX)).astype(np.int32)
     action = rng.random(ids.shape, dtype=np.float32)
     random_ids = rng.integers(0, vocab_size, size=ids.shape, dtype=np.int32)
