@@ -54,7 +54,8 @@ def _keep_gradients() -> optax.GradientTransformation:
 
 
 def _train_step_gradients(model, golden, task):
-    """(gradients as the reference's state-dict arrays, step metrics) of one m2jax train step."""
+    """Gradients of one m2jax train step as the reference's state-dict arrays, the step's
+    metrics, and how many parameter values the gradients hold."""
     graphdef, params, consts = nnx.split(model, nnx.Param, ...)
     tx = _keep_gradients()
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
@@ -175,9 +176,13 @@ def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
     params = nnx.state(model, nnx.Param)
     tx = make_optimizer(cfg, params)
     opt_state = tx.init(params)
-    update = jax.jit(tx.update).lower(params, opt_state, params).compile(FAST_COMPILE)
+    update = jax.jit(tx.update).lower(params, opt_state, params)
+    update = update.compile(compiler_options=FAST_COMPILE)
     names = [str(n) for n in STEPS[f"{case}.names"]]
     shapes = {n: layout[n].torch_shape for n in names}
+    # The reference's unique Parameters are all of ours (each gradient below sets every one).
+    n_values = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    assert sum(int(np.prod(s)) for s in shapes.values()) == n_values
     total = {n: np.zeros(s) for n, s in shapes.items()}
     update_norms = []
     for step, norm in enumerate(STEPS[f"{case}.grad_norm"]):
