@@ -62,9 +62,12 @@ class Embeddings(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         L = input_ids_BxL.shape[1]
-        e_BxLxH = self.word_embeddings(input_ids_BxL) + self.token_type_embeddings(
-            token_type_ids_BxL
-        )
+        words_BxLxH = self.word_embeddings(input_ids_BxL)
+        # torch's `padding_idx`: looking up [PAD] sends no gradient to its row (the tied decoder
+        # still trains it). Same values; only the gradient path of [PAD] positions is cut.
+        is_pad_BxLx1 = (input_ids_BxL == self.cfg.pad_token_id)[..., None]
+        words_BxLxH = jnp.where(is_pad_BxLx1, jax.lax.stop_gradient(words_BxLxH), words_BxLxH)
+        e_BxLxH = words_BxLxH + self.token_type_embeddings(token_type_ids_BxL)
         if self.position_embeddings is not None:
             e_BxLxH = e_BxLxH + self.position_embeddings.embedding[...][:L][None]
         e_BxLxH = self.LayerNorm(e_BxLxH)

@@ -47,14 +47,13 @@ def warmup_linear_decay(
 ) -> optax.Schedule:
     """Linear 0 -> peak over `warmup_fraction * total_steps`, then linear to `final_fraction * peak`
     at `total_steps` (Composer's LinearWithWarmupScheduler with alpha_f = final_fraction)."""
-    warmup = max(1, int(round(warmup_fraction * total_steps)))
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, warmup),
-            optax.linear_schedule(peak, final_fraction * peak, max(1, total_steps - warmup)),
-        ],
-        [warmup],
-    )
+    # Composer truncates a fraction of the duration to whole steps; with 0 warmup steps (also
+    # HF's linear schedule) step 0 already runs at the peak rate.
+    warmup = int(warmup_fraction * total_steps)
+    decay = optax.linear_schedule(peak, final_fraction * peak, max(1, total_steps - warmup))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
 # Parameter paths (joined with "/") that form the yaml's filter groups. Only the forward MLP's

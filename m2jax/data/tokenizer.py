@@ -40,7 +40,8 @@ class BertWordPiece:
         self.vocab_size = len(vocab)
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
-        self.special_ids = (self.pad_id, self.cls_id, self.sep_id)
+        # HF's `all_special_ids`: what the reference's MLM collator never selects for prediction.
+        self.special_ids = (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
         self.max_seq_len = max_seq_len
 
         tok = tokenizers.Tokenizer(models.WordPiece(
