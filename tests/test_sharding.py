@@ -14,6 +14,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -278,6 +279,9 @@ def test_partition_specs_follow_the_rules_and_replicate_what_does_not_divide():
     assert spec(("vocab", "embed"), (30528, 768), mesh, rules) == P(("fsdp", "tensor"), None)
     assert spec(("vocab", "embed"), (30522, 768), mesh, rules) == P(None, "tensor")
     assert spec(("vocab",), (8,), mesh, list(rules.items())) == P(("fsdp", "tensor"))
+    # A recipe's config holds them as a ConfigDict (None: replicated).
+    configured = ml_collections.ConfigDict({**dict(shd.DEFAULT_AXIS_RULES), "embed": "tensor"})
+    assert spec(("embed", "mlp"), (768, 2304), mesh, configured) == P("tensor", None)
     with pytest.raises(ValueError, match="name the logical axis 'embed' twice"):
         spec(("embed",), (8,), mesh, [("embed", "fsdp"), ("embed", None)])
     with pytest.raises(ValueError, match=r"mesh axes \['model'\] that the mesh"):
