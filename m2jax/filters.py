@@ -3,7 +3,9 @@
 A filter set produces, for any length L <= Lmax, a forward and a reverse kernel of shape (H, L) from
 a small MLP with sine activations evaluated at L positions. The positional input `z` is trained;
 the time grid `t` and the decay rates `deltas` are fixed constants, held in `FilterConstant`
-variables so optimizers skip them.
+variables so optimizers skip them. The parameters the reference's yaml gives their own optimizer
+settings (spec sections 0 and 5) have their own types, `FilterGroupParam` and
+`FilterPositionParam`, which `m2jax.optim` reads.
 """
 
 from __future__ import annotations
@@ -16,10 +18,27 @@ import numpy as np
 from flax import nnx
 
 from m2jax.config import M2BertConfig
+from m2jax.sharding import logical_axes
 
 
 class FilterConstant(nnx.Variable):
     """A fixed array that checkpoints carry as a buffer (`t`, `deltas`); never trained."""
+
+
+class FilterGroupParam(nnx.Param):
+    """The yaml's filter group: the forward MLP's Linear kernels and biases and the shared `freq`.
+
+    Under `param_groups="filter_groups"` these train with `filter_lr` and `filter_weight_decay`.
+    The reverse MLP's weights are plain `nnx.Param`: the reference's yaml names only the forward
+    MLP (spec section 0).
+    """
+
+
+class FilterPositionParam(nnx.Param):
+    """The filters' trained positional input `z`: the yaml's `z` group (`z_lr`, `z_weight_decay`).
+
+    Its own type so the group is declared where `z` is created, not found by name.
+    """
 
 
 def time_grid(max_len: int) -> np.ndarray:
@@ -98,14 +117,20 @@ class HyenaFilterSet(nnx.Module):
         self.w_mod = float(cfg.hyena_w_mod)
         self.bidirectional = cfg.bidirectional
         self.dtype = jnp.dtype(cfg.dtype)
-        self.z = nnx.Param(jnp.asarray(positional_features(L, E)))
-        self.t = FilterConstant(jnp.asarray(time_grid(L)))
-        self.deltas = FilterConstant(jnp.asarray(decay_rates(H)))
-        self.freq = nnx.Param(jnp.full((order,), cfg.hyena_w, jnp.float32))
+        self.z = FilterPositionParam(
+            jnp.asarray(positional_features(L, E)), **logical_axes("length", "filter")
+        )
+        self.t = FilterConstant(jnp.asarray(time_grid(L)), **logical_axes("length"))
+        self.deltas = FilterConstant(jnp.asarray(decay_rates(H)), **logical_axes("embed"))
+        self.freq = FilterGroupParam(
+            jnp.full((order,), cfg.hyena_w, jnp.float32), **logical_axes("filter")
+        )
         # D: the reference initialises it from a standard normal.
-        self.bias_D = nnx.Param(jax.random.normal(rngs.params(), (H,), jnp.float32))
-        self.mlp_fwd = _make_mlp(E, order, H, cfg, rngs)
-        self.mlp_rev = _make_mlp(E, order, H, cfg, rngs) if cfg.bidirectional else None
+        self.bias_D = nnx.Param(
+            jax.random.normal(rngs.params(), (H,), jnp.float32), **logical_axes("embed")
+        )
+        self.mlp_fwd = _make_mlp(E, order, H, cfg, rngs, FilterGroupParam)
+        self.mlp_rev = _make_mlp(E, order, H, cfg, rngs, nnx.Param) if cfg.bidirectional else None
 
     def _kernel(self, mlp: nnx.List, seq_len: int) -> jax.Array:
         z_LxE = self.z[...][:seq_len].astype(self.dtype)
@@ -132,26 +157,38 @@ class HyenaFilterSet(nnx.Module):
         return self._kernel(self.mlp_fwd, seq_len), k_rev
 
 
-def _make_mlp(emb_dim: int, order: int, hidden: int, cfg: M2BertConfig, rngs: nnx.Rngs) -> nnx.List:
+def _make_mlp(
+    emb_dim: int,
+    order: int,
+    hidden: int,
+    cfg: M2BertConfig,
+    rngs: nnx.Rngs,
+    param_type: type[nnx.Param],
+) -> nnx.List:
     # The reference's HF init re-initialises these nn.Linear layers: N(0, initializer_range), bias 0.
     init = nnx.initializers.normal(cfg.initializer_range)
     dims = [
-        (emb_dim, order, True),
-        (order, order, True),
-        (order, order, True),
-        (order, hidden, False),
+        (emb_dim, order, True, "filter"),
+        (order, order, True, "filter"),
+        (order, order, True, "filter"),
+        (order, hidden, False, "embed"),
     ]
-    return nnx.List(
-        [
-            nnx.Linear(
-                i,
-                o,
-                use_bias=b,
-                kernel_init=init,
-                bias_init=nnx.initializers.zeros,
-                param_dtype=jnp.float32,
-                rngs=rngs,
-            )
-            for i, o, b in dims
-        ]
-    )
+    layers = []
+    for i, o, b, out_axis in dims:
+        lin = nnx.Linear(
+            i,
+            o,
+            use_bias=b,
+            kernel_init=init,
+            bias_init=nnx.initializers.zeros,
+            param_dtype=jnp.float32,
+            kernel_metadata=logical_axes("filter", out_axis),
+            bias_metadata=logical_axes(out_axis),
+            rngs=rngs,
+        )
+        if param_type is not nnx.Param:  # nnx.Linear always makes nnx.Param: retype them
+            lin.kernel = param_type(lin.kernel.get_value(), **lin.kernel.get_metadata())
+            if lin.bias is not None:
+                lin.bias = param_type(lin.bias.get_value(), **lin.bias.get_metadata())
+        layers.append(lin)
+    return nnx.List(layers)

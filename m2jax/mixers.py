@@ -12,6 +12,7 @@ from m2jax.config import M2BertConfig
 from m2jax.filters import HyenaFilterSet
 from m2jax.long_conv import bidirectional_long_conv
 from m2jax.monarch import blockdiag_matmul
+from m2jax.sharding import logical_axes
 
 # The reference's `hyena_training_additions` LayerNorm is a default torch LayerNorm (spec section 0).
 ADDITIONS_LAYER_NORM_EPS = 1e-5
@@ -44,14 +45,34 @@ def short_causal_conv(p_BxLxC: jax.Array, w_Cx3: jax.Array, b_C: jax.Array) -> j
 
 
 def layer_norm(eps: float, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # LayerNorm always computes in float32 (spec section 8), whatever the compute dtype.
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    # LayerNorm always computes in float32 (spec section 8), whatever the compute dtype. Every
+    # LayerNorm of the model normalises the width H.
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        scale_metadata=logical_axes("embed"),
+        bias_metadata=logical_axes("embed"),
+        rngs=rngs,
+    )
 
 
 def dense(
-    cfg: M2BertConfig, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool = True
+    cfg: M2BertConfig,
+    d_in: int,
+    d_out: int,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    *,
+    kernel_axes: tuple[str | None, str | None],
+    bias_axis: str | None = None,
 ) -> nnx.Linear:
-    """A Linear with the HF BERT init (N(0, initializer_range), zero bias) and the compute dtype."""
+    """A Linear with the HF BERT init (N(0, initializer_range), zero bias) and the compute dtype.
+
+    `kernel_axes` are the logical axes of the (d_in, d_out) kernel; the bias is replicated unless
+    `bias_axis` names one.
+    """
     return nnx.Linear(
         d_in,
         d_out,
@@ -60,6 +81,8 @@ def dense(
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(cfg.initializer_range),
         bias_init=nnx.initializers.zeros,
+        kernel_metadata=logical_axes(*kernel_axes),
+        bias_metadata=logical_axes(bias_axis),
         rngs=rngs,
     )
 
@@ -67,11 +90,20 @@ def dense(
 class BlockDiagLinear(nnx.Module):
     """y = blockdiag(W) x (+ b), weight (nb, out/nb, in/nb) as the reference stores it.
 
-    With `nblocks=1` this is a dense layer stored as (1, out, in).
+    With `nblocks=1` this is a dense layer stored as (1, out, in). `weight_axes` are the weight's
+    logical axes; the bias is replicated.
     """
 
     def __init__(
-        self, d_in: int, d_out: int, nblocks: int, *, use_bias: bool, dtype: str, rngs: nnx.Rngs
+        self,
+        d_in: int,
+        d_out: int,
+        nblocks: int,
+        *,
+        use_bias: bool,
+        dtype: str,
+        weight_axes: tuple[str, str, str],
+        rngs: nnx.Rngs,
     ):
         in_blk, out_blk = d_in // nblocks, d_out // nblocks
         # The reference initialises the dense equivalent with kaiming-uniform(a=sqrt(5)), i.e.
@@ -80,12 +112,14 @@ class BlockDiagLinear(nnx.Module):
         self.weight = nnx.Param(
             jax.random.uniform(
                 rngs.params(), (nblocks, out_blk, in_blk), jnp.float32, -bound, bound
-            )
+            ),
+            **logical_axes(*weight_axes),
         )
         bias_bound = 1.0 / math.sqrt(d_out)
         self.bias = (
             nnx.Param(
-                jax.random.uniform(rngs.params(), (d_out,), jnp.float32, -bias_bound, bias_bound)
+                jax.random.uniform(rngs.params(), (d_out,), jnp.float32, -bias_bound, bias_bound),
+                **logical_axes(None),
             )
             if use_bias
             else None
@@ -108,18 +142,20 @@ class SequenceMixer(nnx.Module):
         self.layernorm = (
             layer_norm(ADDITIONS_LAYER_NORM_EPS, H, rngs) if cfg.hyena_training_additions else None
         )
-        self.in_linear = dense(cfg, H, 3 * H, rngs)
+        self.in_linear = dense(cfg, H, 3 * H, rngs, kernel_axes=("embed", "mlp"), bias_axis="mlp")
         # torch Conv1d default init: U(+-1/sqrt(fan_in)), fan_in = kernel width 3 (depthwise).
         bound = 1.0 / math.sqrt(3.0)
         self.short_conv_weight = nnx.Param(
-            jax.random.uniform(rngs.params(), (3 * H, 3), jnp.float32, -bound, bound)
+            jax.random.uniform(rngs.params(), (3 * H, 3), jnp.float32, -bound, bound),
+            **logical_axes("mlp", None),
         )
         self.short_conv_bias = nnx.Param(
-            jax.random.uniform(rngs.params(), (3 * H,), jnp.float32, -bound, bound)
+            jax.random.uniform(rngs.params(), (3 * H,), jnp.float32, -bound, bound),
+            **logical_axes("mlp"),
         )
         self.filter_fn = HyenaFilterSet(cfg, rngs=rngs)
         self.filter_fn2 = HyenaFilterSet(cfg, rngs=rngs) if cfg.residual_long_conv else None
-        self.out_linear = dense(cfg, H, H, rngs)
+        self.out_linear = dense(cfg, H, H, rngs, kernel_axes=("mlp", "embed"))
 
     def _long_conv(self, filters: HyenaFilterSet, x_BxLxH: jax.Array) -> jax.Array:
         """`LongConv_f(x) + D_f * x` in float32, channels-last in and out."""
@@ -206,10 +242,25 @@ class GLUDimensionMixer(nnx.Module):
         H, I = cfg.hidden_size, cfg.intermediate_size
         nb = cfg.monarch_mlp_nblocks if cfg.use_monarch_mlp else 1
         self.cfg = cfg
+        # Weights are (nb, out/nb, in/nb): "block_in" is the model-width (H) side of both.
         self.gated_layers = BlockDiagLinear(
-            H, 2 * I, nb, use_bias=False, dtype=cfg.dtype, rngs=rngs
+            H,
+            2 * I,
+            nb,
+            use_bias=False,
+            dtype=cfg.dtype,
+            weight_axes=("blocks", "block_out", "block_in"),
+            rngs=rngs,
         )
-        self.wo = BlockDiagLinear(I, H, nb, use_bias=True, dtype=cfg.dtype, rngs=rngs)
+        self.wo = BlockDiagLinear(
+            I,
+            H,
+            nb,
+            use_bias=True,
+            dtype=cfg.dtype,
+            weight_axes=("blocks", "block_in", "block_out"),
+            rngs=rngs,
+        )
         self.layernorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 
     def __call__(self, x_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:

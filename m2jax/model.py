@@ -15,6 +15,7 @@ from flax import nnx
 
 from m2jax.config import M2BertConfig, warn_if_shorter
 from m2jax.mixers import GLUDimensionMixer, SequenceMixer, dense, dropout, layer_norm
+from m2jax.sharding import logical_axes
 
 
 def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
@@ -39,18 +40,34 @@ class Embeddings(nnx.Module):
         H = cfg.hidden_size
         init = nnx.initializers.normal(cfg.initializer_range)
         self.cfg = cfg
-        self.word_embeddings = nnx.Embed(cfg.vocab_size, H, embedding_init=init, rngs=rngs)
+        self.word_embeddings = nnx.Embed(
+            cfg.vocab_size,
+            H,
+            embedding_init=init,
+            embedding_metadata=logical_axes("vocab", "embed"),
+            rngs=rngs,
+        )
         # Like torch's padding_idx, the pad row starts at zero.
         self.word_embeddings.embedding[...] = (
             self.word_embeddings.embedding[...].at[cfg.pad_token_id].set(0.0)
         )
         self.position_embeddings = (
-            nnx.Embed(cfg.max_position_embeddings, H, embedding_init=init, rngs=rngs)
+            nnx.Embed(
+                cfg.max_position_embeddings,
+                H,
+                embedding_init=init,
+                embedding_metadata=logical_axes("length", "embed"),
+                rngs=rngs,
+            )
             if cfg.use_positional_encodings
             else None
         )
         self.token_type_embeddings = nnx.Embed(
-            cfg.type_vocab_size, H, embedding_init=init, rngs=rngs
+            cfg.type_vocab_size,
+            H,
+            embedding_init=init,
+            embedding_metadata=logical_axes(None, "embed"),
+            rngs=rngs,
         )
         self.LayerNorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 
@@ -95,7 +112,11 @@ class M2BertModel(nnx.Module):
         self.layers = nnx.List([M2Layer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         if cfg.same_init_across_layers:
             _copy_deepcopied_weights(self.layers)
-        self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs) if add_pooler else None
+        self.pooler = (
+            dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs, kernel_axes=("embed", "mlp"))
+            if add_pooler
+            else None
+        )
 
     def __call__(
         self,
@@ -166,9 +187,13 @@ class MLMHead(nnx.Module):
     """`LayerNorm(gelu(x W + b)) @ word_emb.T + b_dec`, decoder tied to the word embeddings."""
 
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
-        self.dense = dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs)
+        self.dense = dense(
+            cfg, cfg.hidden_size, cfg.hidden_size, rngs, kernel_axes=("embed", "mlp")
+        )
         self.LayerNorm = layer_norm(1e-12, cfg.hidden_size, rngs)
-        self.decoder_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+        self.decoder_bias = nnx.Param(
+            jnp.zeros((cfg.vocab_size,), jnp.float32), **logical_axes("vocab")
+        )
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, h_BxLxH: jax.Array, word_emb_VxH: jax.Array) -> jax.Array:
@@ -229,7 +254,9 @@ class M2BertForSequenceClassification(_M2BertTask):
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.bert = M2BertModel(cfg, add_pooler=not cfg.use_cls_token, rngs=rngs)
-        self.classifier = dense(cfg, cfg.hidden_size, cfg.num_labels, rngs)
+        self.classifier = dense(
+            cfg, cfg.hidden_size, cfg.num_labels, rngs, kernel_axes=("embed", "classes")
+        )
 
     def pooled(
         self,

@@ -8,17 +8,20 @@ Two AdamW variants are used by the reference:
 Parameter groups: the reference's yaml intends the implicit filters to train with their own lr and
 weight decay, but its deepcopy dropped those settings, so the released models used one group
 (spec section 0). `param_groups="single"` reproduces what was run; `"filter_groups"` the intent.
+The groups are declared by parameter type where the filters create their parameters
+(`m2jax.filters.FilterGroupParam`, `FilterPositionParam`), not found by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
 import optax
 from flax import nnx
+
+from m2jax.filters import FilterGroupParam, FilterPositionParam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,38 +59,45 @@ def warmup_linear_decay(
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-# Parameter paths (joined with "/") that form the yaml's filter groups. Only the forward MLP's
-# Linear layers carried the settings in the reference; `freq` is shared with the reverse MLP.
-_FILTER_GROUP = re.compile(r"/filter_fn2?/(mlp_fwd/\d+/(kernel|bias)|freq)$")
-_Z_GROUP = re.compile(r"/filter_fn2?/z$")
+# Parameter type -> its group under "filter_groups"; every other parameter is "default".
+GROUP_OF_PARAM_TYPE: tuple[tuple[type[nnx.Param], str], ...] = (
+    (FilterGroupParam, "filter"),
+    (FilterPositionParam, "z"),
+)
 
 
-def param_path_name(path: tuple) -> str:
-    """'/bert/layers/0/attention/filter_fn/freq' for a jax key path into an nnx.State."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):  # a Variable's `value` leaf
-            continue
-        parts.append(str(getattr(k, "key", getattr(k, "idx", k))))
-    return "/" + "/".join(parts)
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
-def param_group_labels(params: nnx.State, mode: str) -> Any:
-    """A pytree like `params` holding each leaf's group: "default", "filter" or "z"."""
+def param_group_labels(params: Any, mode: str) -> Any:
+    """A pytree like `params` holding each parameter's group: "default", "filter" or "z".
+
+    `params` is the model's `nnx.State` of parameters (or a tree of the same Variables, such as
+    the optimizer's); in "filter_groups" mode the groups come from the parameter types, so a tree
+    of bare arrays, which has lost them, is an error rather than one silent group.
+    """
     if mode not in ("single", "filter_groups"):
         raise ValueError(f"param_groups must be 'single' or 'filter_groups', got {mode!r}")
 
-    def label(path, _):
-        if mode == "single":
-            return "default"
-        name = param_path_name(path)
-        if _FILTER_GROUP.search(name):
-            return "filter"
-        if _Z_GROUP.search(name):
-            return "z"
+    def group(x: Any) -> str:
+        if mode == "filter_groups":
+            for param_type, name in GROUP_OF_PARAM_TYPE:
+                if isinstance(x, param_type):
+                    return name
         return "default"
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    def label(x: Any) -> Any:
+        return x.replace(group(x)) if _is_variable(x) else group(x)
+
+    labels = jax.tree_util.tree_map(label, params, is_leaf=_is_variable)
+    if mode == "filter_groups" and "filter" not in jax.tree_util.tree_leaves(labels):
+        raise ValueError(
+            "param_groups='filter_groups' found no filter parameters: pass the model's "
+            "parameters as an nnx.State (`nnx.state(model, nnx.Param)`), whose Variable types "
+            "mark the groups"
+        )
+    return labels
 
 
 def _adam_variant(

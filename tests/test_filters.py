@@ -7,7 +7,16 @@ import pytest
 from flax import nnx
 
 import m2jax
-from m2jax.filters import FilterConstant, HyenaFilterSet, decay_rates, positional_features, time_grid
+from m2jax.filters import (
+    FilterConstant,
+    FilterGroupParam,
+    FilterPositionParam,
+    HyenaFilterSet,
+    decay_rates,
+    positional_features,
+    time_grid,
+)
+from m2jax.sharding import AXES_METADATA
 
 
 def test_positional_features_are_time_then_cos_then_minus_sin():
@@ -63,6 +72,27 @@ def test_one_freq_per_filter_set_and_constants_are_not_params():
     consts = nnx.state(f, FilterConstant)
     assert sorted("/".join(map(str, p)) for p, _ in nnx.to_flat_state(consts)) == ["deltas", "t"]
     np.testing.assert_allclose(f.freq[...], cfg.hyena_w)
+
+
+def test_optimizer_groups_are_parameter_types_and_every_variable_has_axes():
+    """The yaml's filter group is the forward MLP and `freq` (not the reverse MLP), `z` its own
+    (spec sections 0 and 5); both types are still `nnx.Param`."""
+    f = HyenaFilterSet(m2jax.get_model_config("tiny"), rngs=nnx.Rngs(0))
+    def weights(mlp):
+        return [v for lin in mlp for v in (lin.kernel, lin.bias) if v is not None]
+
+    assert {type(v) for v in weights(f.mlp_fwd)} == {FilterGroupParam}
+    assert {type(v) for v in weights(f.mlp_rev)} == {nnx.Param}
+    assert type(f.freq) is FilterGroupParam and type(f.z) is FilterPositionParam
+    assert type(f.bias_D) is nnx.Param
+    flat = dict(nnx.to_flat_state(nnx.state(f)))
+    assert len(flat) == 2 + 2 + 1 + 2 * 7  # t, deltas; z, freq; D; two MLPs
+    axes = {"/".join(map(str, k)): v.get_metadata(AXES_METADATA) for k, v in flat.items()}
+    assert axes["z"] == ("length", "filter") and axes["t"] == ("length",)
+    assert axes["deltas"] == axes["bias_D"] == ("embed",)
+    assert axes["mlp_fwd/3/kernel"] == axes["mlp_rev/3/kernel"] == ("filter", "embed")
+    assert axes["mlp_fwd/0/bias"] == ("filter",) and axes["freq"] == ("filter",)
+    assert len(jax.tree.leaves(nnx.state(f, nnx.Param))) == 1 + 1 + 1 + 2 * 7
 
 
 def test_unidirectional_filter_has_no_reverse_kernel():
