@@ -57,7 +57,7 @@ class M2BertConfig:
     # Heads.
     num_labels: int = 2  # sequence classification; 1 means regression (STS-B)
     pool_all: bool = False  # classification pooling: False -> first token, True -> masked mean
-    use_cls_token: bool = False  # classify the raw first-token state (pooler kept, unused)
+    use_cls_token: bool = False  # classify the raw first-token state (no pooler dense+tanh)
     # m2jax only (not part of config.json).
     dtype: str = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"; params stay float32
     # Per-conv paths m2jax.long_conv.IMPLEMENTATIONS ("fft", "monarch", "direct"), or the fused
