@@ -9,12 +9,14 @@ the reference's key names, which the PyTorch reference loads with `load_state_di
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from typing import Any, Literal, Mapping
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_safetensors
 from safetensors.numpy import save_file as save_safetensors
 
@@ -26,7 +28,7 @@ from m2jax.model import (
     abstract_model,
 )
 from m2jax.torch_names import export_state_dict, import_state_dict
-from m2jax.torch_pickle import load_torch_file
+from m2jax.torch_pickle import CheckpointFileError, load_torch_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 Task = Literal["auto", "mlm", "classification", "embedding"]
@@ -44,6 +46,7 @@ _ARCHITECTURES = {
     M2BertForTextEncoding: "BertForTextEncoding",
 }
 POOLER_KEY = "bert.pooler.dense.weight"
+logger = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -53,7 +56,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     checkpoints carry FlashFFTConv buffers (`*.flashfft.*`) that are not model weights.
     """
     if path.endswith(".safetensors"):
-        raw: Any = load_safetensors(path)
+        try:
+            raw: Any = load_safetensors(path)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise CheckpointFileError(f"{path}: not a readable safetensors file ({e})") from None
     else:
         raw = load_torch_file(path)
         if (
@@ -126,12 +132,40 @@ def _find_files(path: str) -> tuple[str, str | None]:
         ]
         if not weights:
             raise FileNotFoundError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
+        if len(weights) > 1:
+            _say_once(
+                f"{path} holds {', '.join(os.path.basename(w) for w in weights)}; loading "
+                f"{os.path.basename(weights[0])}"
+            )
         config = os.path.join(path, "config.json")
         return weights[0], config if os.path.exists(config) else None
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = os.path.join(os.path.dirname(path) or ".", "config.json")
     return path, config if os.path.exists(config) else None
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.warning(message)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The JSON object in `path` (a config.json); errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an over-long integer
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of config fields, got {type(raw).__name__}"
+        )
+    return raw
 
 
 def _detect_task(sd: Mapping[str, np.ndarray], raw_config: Mapping[str, Any] | None) -> str:
@@ -181,13 +215,7 @@ def from_pretrained(
     """
     weights_path, config_path = _find_files(path)
     sd = read_state_dict(weights_path)
-    raw_config = None
-    if config_path is not None:
-        with open(config_path) as f:
-            try:
-                raw_config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    raw_config = read_config(config_path) if config_path is not None else None
     if task == "auto":
         task = _detect_task(sd, raw_config)
     if task not in _MODEL_CLASSES:
@@ -205,7 +233,7 @@ def from_pretrained(
     ):
         config_overrides["num_labels"] = sd["classifier.weight"].shape[0]
     cfg = (
-        config_from_dict(raw_config, **config_overrides)
+        config_from_dict(raw_config, source=config_path, **config_overrides)
         if raw_config is not None
         else infer_config(sd, **config_overrides)
     )

@@ -224,3 +224,26 @@ def test_reference_layout_state_dict_with_use_cls_token_loads():
     model = m2jax.model.abstract_model(m2jax.M2BertForSequenceClassification, cfg)
     m2jax.import_state_dict(model, sd)
     np.testing.assert_array_equal(model.bert.pooler.kernel[...], sd["bert.pooler.dense.weight"].T)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_safetensors_names_the_file(tmp_path, damage):
+    shutil.copy(os.path.join(TINY, "config.json"), tmp_path / "config.json")
+    data = open(os.path.join(TINY, "model.safetensors"), "rb").read()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(m2jax.CheckpointFileError, match="not a readable safetensors file") as e:
+        m2jax.from_pretrained(str(tmp_path))
+    assert str(e.value).startswith(str(weights))
+
+
+def test_directory_with_two_weight_files_says_which_is_used_once(tmp_path, caplog):
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(TINY, f), tmp_path / f)
+    shutil.copy(os.path.join(FIXTURES, "tiny_mlm_bin", "pytorch_model.bin"), tmp_path)
+    with caplog.at_level("WARNING", logger="m2jax.pretrained"):
+        m2jax.from_pretrained(str(tmp_path))
+        m2jax.from_pretrained(str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if r.name == "m2jax.pretrained"]
+    assert said == [f"{tmp_path} holds model.safetensors, pytorch_model.bin; loading "
+                    "model.safetensors"]
