@@ -2,8 +2,9 @@
 
 Accepted inputs: a directory holding `config.json` plus `model.safetensors`, `pytorch_model.bin` or
 a Composer `model.pt`; or one of those files alone (the config is then read from a `config.json`
-beside it, else inferred from the tensor shapes). Output: `config.json` + `model.safetensors` with
-the reference's key names, which the PyTorch reference loads with `load_state_dict(strict=True)`.
+beside it, else inferred from the tensor shapes); or a Hugging Face Hub model id (m2jax.hub).
+Output: `config.json` + `model.safetensors` with the reference's key names, which the PyTorch
+reference loads with `load_state_dict(strict=True)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.numpy import load_file as load_safetensors
 from safetensors.numpy import save_file as save_safetensors
 
 from m2jax.config import M2BertConfig, config_from_dict, config_to_dict
+from m2jax.hub import resolve_checkpoint
 from m2jax.model import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -198,21 +200,40 @@ def _text_encoder_state_dict(sd: Mapping[str, np.ndarray], path: str) -> dict[st
 
 
 def from_pretrained(
-    path: str, *, task: Task = "auto", dtype: str | None = None, **config_overrides: Any
+    path: str,
+    *,
+    task: Task = "auto",
+    dtype: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    **config_overrides: Any,
 ) -> Model:
-    """Loads a released (or `save_pretrained`) M2-BERT checkpoint.
+    """Loads a released (or `save_pretrained`) M2-BERT checkpoint, local or from the Hub.
 
     Args:
-      path: a checkpoint directory or a single weights file (see module docstring).
+      path: a checkpoint directory or a single weights file (see module docstring), or a Hugging
+        Face Hub model id such as "danfu09/m2-bert-80M" (a local path of that name wins). For an
+        id, `config.json` and one weights file are fetched into the hub cache (m2jax.hub).
       task: "mlm", "classification" or "embedding" (encoder + pooler, `M2BertForTextEncoding`;
         a classifier in the checkpoint is dropped); "auto" picks from the checkpoint's heads.
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+      revision: Hub ids only: branch, tag or commit (default the main branch).
+      cache_dir: Hub ids only: the hub cache (default `HF_HUB_CACHE`, else `$HF_HOME/hub`).
+      local_files_only: Hub ids only: use the cache, never the network (as `HF_HUB_OFFLINE=1`).
       config_overrides: M2BertConfig fields to change (e.g. `num_labels` for a new classifier).
     Returns:
       The model, with `.config`; call it as `model(input_ids, token_type_ids, attention_mask)`.
     Raises:
       StateDictMismatch listing missing / unexpected / mis-shaped keys; ValueError for bad files.
     """
+    path = resolve_checkpoint(
+        path,
+        WEIGHT_FILES,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
     weights_path, config_path = _find_files(path)
     sd = read_state_dict(weights_path)
     raw_config = read_config(config_path) if config_path is not None else None
