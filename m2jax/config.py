@@ -393,6 +393,11 @@ MODEL_CONFIGS = {
         long_conv_l_max=16,
         hyena_filter_order=8,
     ),
+    # `tiny` with the released vocabulary (30528 rows), so the real tokenizer's ids fit: for
+    # end-to-end tests of fill-mask and embedding. 32 positions hold a short sentence.
+    "tiny-real-vocab": lambda: MODEL_CONFIGS["tiny"]().replace(
+        vocab_size=RELEASED_VOCAB_SIZE, max_position_embeddings=32, long_conv_l_max=32
+    ),
 }
 
 
