@@ -7,14 +7,22 @@ import textwrap
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import m2jax
 from hub_cache import add_saved_model, add_snapshot
 from m2jax import hub
+from m2jax.model import abstract_model
+from parity_weights import base_state_dict, parity_recipe
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 TINY = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_mlm")
+
+
+def _recipe_model(cls, cfg):
+    """A model with deterministic NumPy weights, built abstractly (no eager initialisation)."""
+    model = abstract_model(cls, cfg)
+    m2jax.import_state_dict(model, parity_recipe.perturb_state_dict(base_state_dict(model), 0))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +34,9 @@ def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("models")
     out = {}
     for name, model in [
-        ("mlm", m2jax.M2BertForMaskedLM(m2jax.get_model_config("tiny"), rngs=nnx.Rngs(0))),
-        ("ret", m2jax.M2BertForSequenceClassification(
-            m2jax.get_model_config("tiny-real-vocab", num_labels=4), rngs=nnx.Rngs(1))),
+        ("mlm", _recipe_model(m2jax.M2BertForMaskedLM, m2jax.get_model_config("tiny"))),
+        ("ret", _recipe_model(m2jax.M2BertForSequenceClassification,
+                              m2jax.get_model_config("tiny-real-vocab", num_labels=4))),
     ]:
         m2jax.save_pretrained(model, str(tmp / f"{name}_a"))
         sd = load_file(str(tmp / f"{name}_a" / "model.safetensors"))
