@@ -9,6 +9,8 @@ CORE = [
     "optax>=0.2.8",
     "numpy>=2.0",
     "safetensors>=0.4",
+    # Loading by Hub id (m2jax.hub; imported only when a path is not local).
+    "huggingface_hub>=0.24",
     "absl-py>=2.1",
 ]
 DATA = [

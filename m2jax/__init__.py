@@ -16,6 +16,7 @@ from m2jax.embedder import Embedder
 from m2jax.losses import classification_loss, mlm_loss
 from m2jax.pretrained import from_pretrained, read_state_dict, save_pretrained
 from m2jax.torch_names import StateDictMismatch, export_state_dict, import_state_dict
+from m2jax.torch_pickle import CheckpointFileError
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "Embedder",
     "abstract_model",
     "StateDictMismatch",
+    "CheckpointFileError",
     "classification_loss",
     "config_from_dict",
     "config_to_dict",

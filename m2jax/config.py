@@ -8,6 +8,9 @@ one. Fields that only m2jax has are grouped at the end and never written to `con
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import typing
 import warnings
 from typing import Any, Mapping
 
@@ -87,16 +90,158 @@ M2JAX_ONLY_FIELDS = (
     "sequence_mixer_dropout_prob",
 )
 
+# `architectures` entries m2jax writes, one per model class (the text encoder is the retrieval
+# models' encoder + pooler, named as in their own hub code).
+ARCHITECTURES = ("BertForMaskedLM", "BertForSequenceClassification", "BertForTextEncoding")
+TEXT_ENCODER_ARCHITECTURE = "BertForTextEncoding"
+
 # Reference fields that select code paths m2jax does not implement, with the value it needs.
 _REQUIRED_REFERENCE_VALUES = {
+    "monarch_mixer_sequence_mixing": True,
     "use_flash_mm": False,
     "sequence_token_planting": False,
     "attention_pooling": False,
     "expand_positional_embeddings": False,
 }
+# Other fields of the reference's config.json files (bert/src/configuration_bert.py, the yamls'
+# model_config, bert_layers.py): accepted, and without effect on the m2jax model.
+_OTHER_REFERENCE_FIELDS = frozenset(
+    {
+        "alibi_starting_size",
+        "use_flash_fft",  # a CUDA kernel choice; m2jax picks its own (long_conv_implementation)
+        "gather_sentence_embeddings",
+        "use_normalized_embeddings",
+        "performing_BEIR_evaluation",
+        "use_learnable_monarch",
+        "precision",
+        "pretrained_checkpoint",
+        "hidden_act",
+        "num_attention_heads",
+        "attention_probs_dropout_prob",
+        "position_embedding_type",
+    }
+)
+# Bookkeeping of Hugging Face `PretrainedConfig` / `BertConfig` (transformers 4 and 5).
+_HF_FIELDS = frozenset(
+    """_name_or_path _commit_hash _attn_implementation _attn_implementation_autoset
+    add_cross_attention architectures auto_map bad_words_ids begin_suppress_tokens bos_token_id
+    chunk_size_feed_forward cross_attention_hidden_size decoder_start_token_id diversity_penalty
+    do_sample dtype early_stopping encoder_no_repeat_ngram_size eos_token_id
+    exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id
+    gradient_checkpointing id2label is_decoder is_encoder_decoder label2id length_penalty
+    max_length min_length model_type no_repeat_ngram_size num_beam_groups num_beams
+    num_return_sequences output_attentions output_hidden_states output_scores prefix problem_type
+    pruned_heads quantization_config remove_invalid_values repetition_penalty return_dict
+    return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature
+    tf_legacy_loss tie_encoder_decoder tie_word_embeddings tokenizer_class top_k top_p torch_dtype
+    torchscript transformers_version typical_p use_bfloat16 use_cache""".split()
+)
+
+_PROBABILITIES = (
+    "hidden_dropout_prob",
+    "classifier_dropout",
+    "hyena_filter_dropout",
+    "sequence_mixer_dropout_prob",
+)
+_POSITIVE_INTS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "max_position_embeddings",
+    "long_conv_l_max",
+    "vocab_size",
+    "hyena_filter_order",
+    "type_vocab_size",
+    "monarch_mlp_nblocks",
+    "num_labels",
+)
+_NON_NEGATIVE = (
+    "initializer_range",
+    "long_conv_kernel_learning_rate",
+    "hyena_lr_pos_emb",
+    "hyena_wd",
+)
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Field name -> (its one concrete type, whether None is allowed), from the annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(M2BertConfig).items():
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+        out[name] = (kinds[0], type(None) in typing.get_args(hint))
+    return out
+
+
+_FIELD_TYPES = _field_types()
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, int) and abs(value) > 10**30:
+        return "a huge integer"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is float:  # JSON writes 10.0 as 10: integers are numbers too
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_problem(name: str, value: Any, kind: type, optional: bool = False) -> str | None:
+    if (value is None and optional) or _is_kind(value, kind):
+        return None
+    expected = _TYPE_WORDS[kind] + (" or null" if optional else "")
+    return f"{name} must be {expected}, got {_short_repr(value)} ({type(value).__name__})"
+
+
+def _range_problems(cfg: M2BertConfig) -> list[str]:
+    problems = []
+    for name in _POSITIVE_INTS:
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name, (kind, _) in _FIELD_TYPES.items():
+        value = getattr(cfg, name)
+        if kind is float and value is not None and not math.isfinite(value):
+            problems.append(f"{name} must be a finite number, got {value}")
+    if problems:
+        return problems  # the checks below assume finite, positive sizes
+    if not cfg.layer_norm_eps > 0:
+        problems.append(
+            f"layer_norm_eps must be > 0 (it keeps LayerNorm finite), got {cfg.layer_norm_eps}"
+        )
+    for name in _PROBABILITIES:
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < 1:
+            problems.append(f"{name} must lie in [0, 1), got {value}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        problems.append(
+            f"pad_token_id must lie in [0, vocab_size={cfg.vocab_size}), got {cfg.pad_token_id}"
+        )
+    return problems
 
 
 def _validate(cfg: M2BertConfig) -> None:
+    problems = [
+        p
+        for name, (kind, optional) in _FIELD_TYPES.items()
+        if (p := _type_problem(name, getattr(cfg, name), kind, optional))
+    ]
+    if not problems:
+        problems = _range_problems(cfg)
+    if not problems:
+        problems = _architecture_problems(cfg)
+    if problems:
+        raise ValueError("Invalid M2BertConfig: " + "; ".join(problems))
+
+
+def _architecture_problems(cfg: M2BertConfig) -> list[str]:
     problems = []
     if cfg.hidden_size % cfg.monarch_mlp_nblocks or cfg.intermediate_size % cfg.monarch_mlp_nblocks:
         problems.append(
@@ -116,67 +261,101 @@ def _validate(cfg: M2BertConfig) -> None:
         )
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    if cfg.num_labels < 1:
-        problems.append(f"num_labels must be >= 1, got {cfg.num_labels}")
-    for name in (
-        "hidden_size",
-        "num_hidden_layers",
-        "intermediate_size",
-        "max_position_embeddings",
-        "vocab_size",
-        "hyena_filter_order",
-        "type_vocab_size",
-    ):
-        if getattr(cfg, name) < 1:
-            problems.append(f"{name} must be positive, got {getattr(cfg, name)}")
-    if problems:
-        raise ValueError("Invalid M2BertConfig: " + "; ".join(problems))
+    return problems
 
 
-def config_from_dict(raw: Mapping[str, Any], **overrides: Any) -> M2BertConfig:
-    """Builds a config from a reference/HF `config.json` dict.
+def config_from_dict(
+    raw: Mapping[str, Any], *, source: str = "config.json", **overrides: Any
+) -> M2BertConfig:
+    """Builds a config from a reference/HF `config.json` dict, checking every field.
 
-    Unknown keys (HF bookkeeping such as `architectures`, `transformers_version`) are ignored.
-    `monarch_mixer_sequence_mixing` is forced on: HF `config.json` files of the released models omit
-    it although the models use the M2 mixer (spec section 0).
+    Each M2BertConfig field must have its type (`"hidden_size": "32"` or `"pool_all": "false"` is
+    an error, not a silent conversion) and a sensible value; errors name `source` (the file) and
+    the field. Hugging Face bookkeeping (`architectures`, `id2label`, `transformers_version`, ...)
+    and the reference's other fields are accepted; any other field is ignored with a warning
+    naming it, as it is probably misspelt. `monarch_mixer_sequence_mixing` is forced on: HF
+    `config.json` files of the released models omit it although the models use the M2 mixer
+    (spec section 0). `overrides` (M2BertConfig fields) replace values from the file.
     """
-    for key, needed in _REQUIRED_REFERENCE_VALUES.items():
-        if key in raw and bool(raw[key]) != needed:
-            raise ValueError(
-                f"config.json sets {key}={raw[key]!r}; m2jax supports only {key}={needed}"
-            )
-    if raw.get("hidden_act", "gelu") not in ("gelu", "gelu_new_erf"):
+    if not isinstance(raw, Mapping):
         raise ValueError(
-            f"config.json sets hidden_act={raw['hidden_act']!r}; M2-BERT uses exact 'gelu'"
+            f"{source}: expected a JSON object of config fields, got {type(raw).__name__}"
         )
-    names = {f.name for f in dataclasses.fields(M2BertConfig)} - set(M2JAX_ONLY_FIELDS)
-    kwargs = {
-        k: raw[k] for k in names if k in raw and (raw[k] is not None or k == "classifier_dropout")
-    }
-    if "long_conv_l_max" not in raw and "max_position_embeddings" in raw:
-        kwargs["long_conv_l_max"] = raw["max_position_embeddings"]
-    if "id2label" in raw and "num_labels" not in raw:
+    problems = []
+    for key, needed in _REQUIRED_REFERENCE_VALUES.items():
+        if key in raw:
+            if (p := _type_problem(key, raw[key], bool)) is not None:
+                problems.append(p)
+            elif raw[key] != needed:
+                problems.append(f"{key} is {raw[key]!r}; m2jax supports only {key}={needed}")
+    if raw.get("hidden_act", "gelu") not in ("gelu", "gelu_new_erf"):
+        problems.append(
+            f"hidden_act is {_short_repr(raw['hidden_act'])}; M2-BERT uses exact 'gelu'"
+        )
+    names = [f.name for f in dataclasses.fields(M2BertConfig) if f.name not in M2JAX_ONLY_FIELDS]
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        kind, optional = _FIELD_TYPES[name]
+        if (p := _type_problem(name, raw[name], kind, optional)) is not None:
+            problems.append(p)
+        else:
+            kwargs[name] = raw[name]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    known = set(names) | set(_REQUIRED_REFERENCE_VALUES) | _OTHER_REFERENCE_FIELDS | _HF_FIELDS
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring fields m2jax does not know: "
+            + ", ".join(_with_suggestion(k, names) for k in unknown),
+            stacklevel=2,
+        )
+    if "long_conv_l_max" not in raw and "max_position_embeddings" in kwargs:
+        kwargs["long_conv_l_max"] = kwargs["max_position_embeddings"]
+    if isinstance(raw.get("id2label"), Mapping) and "num_labels" not in raw:
         kwargs["num_labels"] = len(raw["id2label"])
     kwargs.update(overrides)
-    return M2BertConfig(**kwargs)
+    try:
+        return M2BertConfig(**kwargs)
+    except ValueError as e:
+        also = f" and the overrides {sorted(overrides)}" if overrides else ""
+        raise ValueError(f"{source}{also}: {e}") from None
+
+
+def _with_suggestion(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 def config_to_dict(cfg: M2BertConfig, architecture: str = "BertForMaskedLM") -> dict[str, Any]:
-    """The `config.json` dict the PyTorch reference reads (its field names; m2jax-only fields left out)."""
+    """The `config.json` dict the PyTorch reference builds `architecture` from.
+
+    Every M2BertConfig field except the m2jax-only ones, plus each attribute the reference's
+    model code reads that its `BertConfig` does not define (tests/fixtures/export: the reference
+    builds every architecture from a file this function wrote). The text encoder is the
+    reference's retrieval layout: `BertForSequenceClassification` with
+    `gather_sentence_embeddings`, whose output is the pooler's.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     out = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(cfg)
         if f.name not in M2JAX_ONLY_FIELDS
     }
+    out.update(_REQUIRED_REFERENCE_VALUES)
     out.update(
         architectures=[architecture],
         model_type="bert",
-        monarch_mixer_sequence_mixing=True,
         hidden_act="gelu",
         attention_probs_dropout_prob=0.0,
-        num_attention_heads=12,
-        use_flash_mm=False,
+        num_attention_heads=12,  # read by the reference, unused by its M2 mixer
         use_flash_fft=False,
+        gather_sentence_embeddings=architecture == TEXT_ENCODER_ARCHITECTURE,
+        use_normalized_embeddings=False,
+        performing_BEIR_evaluation=False,
     )
     return out
 
@@ -213,6 +392,11 @@ MODEL_CONFIGS = {
         max_position_embeddings=16,
         long_conv_l_max=16,
         hyena_filter_order=8,
+    ),
+    # `tiny` with the released vocabulary (30528 rows), so the real tokenizer's ids fit: for
+    # end-to-end tests of fill-mask and embedding. 32 positions hold a short sentence.
+    "tiny-real-vocab": lambda: MODEL_CONFIGS["tiny"]().replace(
+        vocab_size=RELEASED_VOCAB_SIZE, max_position_embeddings=32, long_conv_l_max=32
     ),
 }
 

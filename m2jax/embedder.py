@@ -119,15 +119,35 @@ class Embedder:
         self._pooled = jax.jit(pooled)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: str | None = None, **kwargs: Any) -> "Embedder":
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ) -> "Embedder":
         """An Embedder for a retrieval (or sequence-classification) checkpoint at `path`.
 
-        `dtype` is the compute dtype ("float32" or "bfloat16"); other keyword arguments go to
-        `Embedder(...)`. The checkpoint's classifier, if any, is not used.
+        `path` is a local checkpoint or a Hugging Face Hub id (e.g.
+        "togethercomputer/m2-bert-80M-2k-retrieval"), with `revision`, `cache_dir` and
+        `local_files_only` as in `m2jax.from_pretrained`. `dtype` is the compute dtype
+        ("float32" or "bfloat16"); other keyword arguments go to `Embedder(...)`. The
+        checkpoint's classifier, if any, is not used.
         """
         from m2jax.pretrained import from_pretrained
 
-        return cls(from_pretrained(path, task="embedding", dtype=dtype), **kwargs)
+        model = from_pretrained(
+            path,
+            task="embedding",
+            dtype=dtype,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        return cls(model, **kwargs)
 
     @property
     def dim(self) -> int:

@@ -28,6 +28,13 @@ def fill_mask(
     The text is padded to the model's full length, as the reference always does. Predictions are
     restricted to the tokenizer's vocabulary (the released tables carry padding rows past it).
     """
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's word-embedding "
+            f"table only {model.config.vocab_size} rows, so its ids would not fit. The `tiny` "
+            "test config has a 128-token vocabulary; for real text use a released checkpoint or "
+            "get_model_config('tiny-real-vocab') (30528 rows)"
+        )
     L = model.config.max_position_embeddings
     ids_L = tokenizer.encode_row(text, L)
     positions = np.flatnonzero(ids_L == tokenizer.mask_id)

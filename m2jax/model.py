@@ -253,7 +253,9 @@ class M2BertForSequenceClassification(_M2BertTask):
 
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.bert = M2BertModel(cfg, add_pooler=not cfg.use_cls_token, rngs=rngs)
+        # Built even when `use_cls_token` bypasses it: the reference always builds the pooler,
+        # so its checkpoints carry `bert.pooler.dense.*` (loaded and saved here, unused).
+        self.bert = M2BertModel(cfg, add_pooler=True, rngs=rngs)
         self.classifier = dense(
             cfg, cfg.hidden_size, cfg.num_labels, rngs, kernel_axes=("embed", "classes")
         )

@@ -2,23 +2,27 @@
 
 Accepted inputs: a directory holding `config.json` plus `model.safetensors`, `pytorch_model.bin` or
 a Composer `model.pt`; or one of those files alone (the config is then read from a `config.json`
-beside it, else inferred from the tensor shapes). Output: `config.json` + `model.safetensors` with
-the reference's key names, which the PyTorch reference loads with `load_state_dict(strict=True)`.
+beside it, else inferred from the tensor shapes); or a Hugging Face Hub model id (m2jax.hub).
+Output: `config.json` + `model.safetensors` with the reference's key names, which the PyTorch
+reference loads with `load_state_dict(strict=True)`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from typing import Any, Literal, Mapping
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_safetensors
 from safetensors.numpy import save_file as save_safetensors
 
 from m2jax.config import M2BertConfig, config_from_dict, config_to_dict
+from m2jax.hub import resolve_checkpoint
 from m2jax.model import (
     M2BertForMaskedLM,
     M2BertForSequenceClassification,
@@ -26,7 +30,7 @@ from m2jax.model import (
     abstract_model,
 )
 from m2jax.torch_names import export_state_dict, import_state_dict
-from m2jax.torch_pickle import load_torch_file
+from m2jax.torch_pickle import CheckpointFileError, load_torch_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 Task = Literal["auto", "mlm", "classification", "embedding"]
@@ -44,6 +48,7 @@ _ARCHITECTURES = {
     M2BertForTextEncoding: "BertForTextEncoding",
 }
 POOLER_KEY = "bert.pooler.dense.weight"
+logger = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -53,7 +58,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     checkpoints carry FlashFFTConv buffers (`*.flashfft.*`) that are not model weights.
     """
     if path.endswith(".safetensors"):
-        raw: Any = load_safetensors(path)
+        try:
+            raw: Any = load_safetensors(path)
+        except (SafetensorError, ValueError, OSError) as e:
+            raise CheckpointFileError(f"{path}: not a readable safetensors file ({e})") from None
     else:
         raw = load_torch_file(path)
         if (
@@ -126,12 +134,40 @@ def _find_files(path: str) -> tuple[str, str | None]:
         ]
         if not weights:
             raise FileNotFoundError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
+        if len(weights) > 1:
+            _say_once(
+                f"{path} holds {', '.join(os.path.basename(w) for w in weights)}; loading "
+                f"{os.path.basename(weights[0])}"
+            )
         config = os.path.join(path, "config.json")
         return weights[0], config if os.path.exists(config) else None
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = os.path.join(os.path.dirname(path) or ".", "config.json")
     return path, config if os.path.exists(config) else None
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.warning(message)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The JSON object in `path` (a config.json); errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an over-long integer
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object of config fields, got {type(raw).__name__}"
+        )
+    return raw
 
 
 def _detect_task(sd: Mapping[str, np.ndarray], raw_config: Mapping[str, Any] | None) -> str:
@@ -164,30 +200,43 @@ def _text_encoder_state_dict(sd: Mapping[str, np.ndarray], path: str) -> dict[st
 
 
 def from_pretrained(
-    path: str, *, task: Task = "auto", dtype: str | None = None, **config_overrides: Any
+    path: str,
+    *,
+    task: Task = "auto",
+    dtype: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+    **config_overrides: Any,
 ) -> Model:
-    """Loads a released (or `save_pretrained`) M2-BERT checkpoint.
+    """Loads a released (or `save_pretrained`) M2-BERT checkpoint, local or from the Hub.
 
     Args:
-      path: a checkpoint directory or a single weights file (see module docstring).
+      path: a checkpoint directory or a single weights file (see module docstring), or a Hugging
+        Face Hub model id such as "danfu09/m2-bert-80M" (a local path of that name wins). For an
+        id, `config.json` and one weights file are fetched into the hub cache (m2jax.hub).
       task: "mlm", "classification" or "embedding" (encoder + pooler, `M2BertForTextEncoding`;
         a classifier in the checkpoint is dropped); "auto" picks from the checkpoint's heads.
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+      revision: Hub ids only: branch, tag or commit (default the main branch).
+      cache_dir: Hub ids only: the hub cache (default `HF_HUB_CACHE`, else `$HF_HOME/hub`).
+      local_files_only: Hub ids only: use the cache, never the network (as `HF_HUB_OFFLINE=1`).
       config_overrides: M2BertConfig fields to change (e.g. `num_labels` for a new classifier).
     Returns:
       The model, with `.config`; call it as `model(input_ids, token_type_ids, attention_mask)`.
     Raises:
       StateDictMismatch listing missing / unexpected / mis-shaped keys; ValueError for bad files.
     """
+    path = resolve_checkpoint(
+        path,
+        WEIGHT_FILES,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
     weights_path, config_path = _find_files(path)
     sd = read_state_dict(weights_path)
-    raw_config = None
-    if config_path is not None:
-        with open(config_path) as f:
-            try:
-                raw_config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    raw_config = read_config(config_path) if config_path is not None else None
     if task == "auto":
         task = _detect_task(sd, raw_config)
     if task not in _MODEL_CLASSES:
@@ -205,7 +254,7 @@ def from_pretrained(
     ):
         config_overrides["num_labels"] = sd["classifier.weight"].shape[0]
     cfg = (
-        config_from_dict(raw_config, **config_overrides)
+        config_from_dict(raw_config, source=config_path, **config_overrides)
         if raw_config is not None
         else infer_config(sd, **config_overrides)
     )

@@ -186,3 +186,64 @@ def test_saved_files_are_world_readable(tmp_path):
     m2jax.save_pretrained(m2jax.from_pretrained(TINY), str(tmp_path))
     for f in os.listdir(tmp_path):
         assert os.stat(tmp_path / f).st_mode & 0o044 == 0o044
+
+
+def test_use_cls_token_classifier_saves_and_loads_the_pooler(tmp_path):
+    """The reference builds (and saves) the pooler even when it classifies the raw [CLS] state."""
+    cfg = m2jax.get_model_config("tiny", use_cls_token=True, num_labels=3)
+    model = m2jax.M2BertForSequenceClassification(cfg, rngs=nnx.Rngs(2))
+    m2jax.save_pretrained(model, str(tmp_path))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    assert sd["bert.pooler.dense.weight"].shape == (32, 32) and "bert.pooler.dense.bias" in sd
+    loaded = m2jax.from_pretrained(str(tmp_path))
+    assert loaded.config == cfg
+    np.testing.assert_array_equal(loaded.bert.pooler.kernel[...], model.bert.pooler.kernel[...])
+    ids, types = _ids(cfg)
+    np.testing.assert_array_equal(loaded(ids, types), model(ids, types))
+    # The pooler takes no part in the logits, as in the reference.
+    h0 = model.bert(ids, types)[:, 0]
+    np.testing.assert_allclose(model(ids, types), model.classifier(h0), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_layout_state_dict_with_use_cls_token_loads():
+    """Keys from the reference's own BertForSequenceClassification (cls_tiny_cls.keys.json)."""
+    import sys
+
+    sys.path.insert(0, FIXTURES)
+    import parity_recipe
+
+    with open(os.path.join(FIXTURES, "cls_tiny_cls.config.json")) as f:
+        raw = json.load(f)
+    with open(os.path.join(FIXTURES, "cls_tiny_cls.keys.json")) as f:
+        keys = json.load(f)
+    assert "bert.pooler.dense.weight" in [k for k, _, _ in keys]
+    sd = {k: np.zeros(shape, np.int64 if dtype == "int64" else np.float32) for k, shape, dtype in keys}
+    sd["bert.embeddings.position_ids"][:] = np.arange(raw["max_position_embeddings"])
+    sd = parity_recipe.perturb_state_dict(sd, seed=0)
+    cfg = m2jax.config_from_dict(dict(raw, use_cls_token=True))
+    model = m2jax.model.abstract_model(m2jax.M2BertForSequenceClassification, cfg)
+    m2jax.import_state_dict(model, sd)
+    np.testing.assert_array_equal(model.bert.pooler.kernel[...], sd["bert.pooler.dense.weight"].T)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_safetensors_names_the_file(tmp_path, damage):
+    shutil.copy(os.path.join(TINY, "config.json"), tmp_path / "config.json")
+    data = open(os.path.join(TINY, "model.safetensors"), "rb").read()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(m2jax.CheckpointFileError, match="not a readable safetensors file") as e:
+        m2jax.from_pretrained(str(tmp_path))
+    assert str(e.value).startswith(str(weights))
+
+
+def test_directory_with_two_weight_files_says_which_is_used_once(tmp_path, caplog):
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(TINY, f), tmp_path / f)
+    shutil.copy(os.path.join(FIXTURES, "tiny_mlm_bin", "pytorch_model.bin"), tmp_path)
+    with caplog.at_level("WARNING", logger="m2jax.pretrained"):
+        m2jax.from_pretrained(str(tmp_path))
+        m2jax.from_pretrained(str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if r.name == "m2jax.pretrained"]
+    assert said == [f"{tmp_path} holds model.safetensors, pytorch_model.bin; loading "
+                    "model.safetensors"]

@@ -1,4 +1,5 @@
-"""The README's code runs as written (with a small local checkpoint in place of a download)."""
+"""The README's code runs as written, loading its Hub ids from a hub cache of small checkpoints
+built on disk (offline, no download)."""
 
 import os
 import re
@@ -9,6 +10,7 @@ from flax import nnx
 
 import m2jax
 from m2jax.data import load_tokenizer
+from hub_cache import add_saved_model
 from m2jax.fill_mask import fill_mask
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -21,11 +23,22 @@ def _python_blocks():
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     """A random model with the released vocab size, small enough to build in a second."""
-    cfg = m2jax.get_model_config("tiny", vocab_size=30528, max_position_embeddings=32,
-                                 long_conv_l_max=32)
+    cfg = m2jax.get_model_config("tiny-real-vocab")
     path = str(tmp_path_factory.mktemp("ckpt"))
     m2jax.save_pretrained(m2jax.M2BertForMaskedLM(cfg, rngs=nnx.Rngs(0)), path)
     return path
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache, offline, as `HF_HUB_CACHE=<it> HF_HUB_OFFLINE=1` would set up
+    (huggingface_hub reads those variables when imported, so its constants are set here)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
 def test_readme_has_exactly_two_setup_lines():
@@ -33,8 +46,10 @@ def test_readme_has_exactly_two_setup_lines():
     assert setup.strip().splitlines() == ['pip install -e ".[test]"', "python -m pytest -q tests"]
 
 
-def test_fill_mask_example_runs(small_checkpoint, capsys):
-    code = _python_blocks()[0].replace('"/path/to/m2-bert-80M"', repr(small_checkpoint))
+def test_fill_mask_example_runs(small_checkpoint, offline_hub, capsys):
+    code = _python_blocks()[0]
+    assert 'CHECKPOINT = "danfu09/m2-bert-80M"' in code  # loaded by Hub id, as written
+    add_saved_model(offline_hub, "danfu09/m2-bert-80M", small_checkpoint, "0" * 40)
     exec(compile(code, "README fill-mask example", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith("[(")
@@ -50,12 +65,14 @@ def test_model_example_runs(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "out" / "my-m2")) == ["config.json", "model.safetensors"]
 
 
-def test_embedding_example_runs(tmp_path, capsys):
-    cfg = m2jax.get_model_config("tiny", vocab_size=30528, max_position_embeddings=32,
-                                 long_conv_l_max=32, num_labels=10)
+def test_embedding_example_runs(tmp_path, offline_hub, capsys):
+    cfg = m2jax.get_model_config("tiny-real-vocab", num_labels=10)
     m2jax.save_pretrained(m2jax.M2BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)),
-                          str(tmp_path))
-    code = _python_blocks()[1].replace('"/path/to/m2-bert-80M-2k-retrieval"', repr(str(tmp_path)))
+                          str(tmp_path / "ckpt"))
+    repo = "togethercomputer/m2-bert-80M-2k-retrieval"
+    code = _python_blocks()[1]
+    assert f'Embedder.from_pretrained("{repo}"' in code
+    add_saved_model(offline_hub, repo, str(tmp_path / "ckpt"), "1" * 40)
     scope = {}
     exec(compile(code, "README embedding example", "exec"), scope)
     assert scope["vectors"].shape == (2, 32)
@@ -87,3 +104,16 @@ def test_fill_mask_ranks_by_probability_and_names_missing_mask(small_checkpoint)
     # Padding rows of the embedding table (30522..30527) are never predicted.
     [preds] = fill_mask(model, tokenizer, "[MASK]", top_k=30522)
     assert len(preds) == 30522 and np.isclose(sum(p for _, p in preds), 1.0, atol=1e-4)
+
+
+def test_tiny_config_with_the_tokenizer_says_why_and_the_real_vocab_one_works(small_checkpoint):
+    """`tiny` has a 128-token vocabulary; `tiny-real-vocab` takes the real tokenizer's ids."""
+    tokenizer = load_tokenizer()
+    tiny = m2jax.M2BertForMaskedLM(m2jax.get_model_config("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"tokenizer has 30522 tokens .* only 128 rows.*"
+                                         r"tiny-real-vocab"):
+        fill_mask(tiny, tokenizer, "paris is the [MASK] of france.")
+    cfg = m2jax.get_model_config("tiny-real-vocab")
+    assert cfg.vocab_size == 30528 >= tokenizer.vocab_size
+    assert cfg.replace(vocab_size=128) == m2jax.get_model_config("tiny").replace(
+        max_position_embeddings=32, long_conv_l_max=32)
