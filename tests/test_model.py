@@ -222,3 +222,33 @@ def test_the_call_traces_under_the_callers_grad_and_jit():
     with pytest.raises(ValueError, match="input_ids must lie in"):
         nnx.jit(lambda m: m(bad_ids))(model)
     assert _compiles() == before
+
+
+# ---------------------------------------------------------------- one model, every platform
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _export_default_forward(platforms):
+    cfg = CFG.replace(max_position_embeddings=128, long_conv_l_max=128)
+    assert cfg.long_conv_implementation == "auto"  # the default
+    model = m2jax.M2BertForMaskedLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 128)), jnp.int32)
+    exported = jax.export.export(
+        jax.jit(lambda st, i: nnx.merge(graphdef, st)(i)), platforms=platforms,
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+    )(state, jax.ShapeDtypeStruct(ids.shape, ids.dtype))
+    return exported, model, state, ids
+
+
+def test_default_forward_exported_for_cuda_carries_the_triton_kernel():
+    exported, _, _, _ = _export_default_forward(["cuda"])
+    # The fused long-conv kernel (its lowering is shared by the layers' identical calls).
+    assert TRITON_CALL in exported.mlir_module()
+
+
+def test_default_forward_exported_for_cpu_and_cuda_runs_here():
+    exported, model, state, ids = _export_default_forward(["cpu", "cuda"])
+    assert exported.platforms == ("cpu", "cuda") and TRITON_CALL in exported.mlir_module()
+    np.testing.assert_allclose(exported.call(state, ids), model(ids), rtol=1e-5, atol=1e-5)
