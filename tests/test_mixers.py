@@ -26,18 +26,20 @@ def test_short_conv_equals_torch_conv1d_semantics():
             if src >= 0:
                 expected[:, t] += w[:, j] * p[:, src]
     expected += b
-    np.testing.assert_allclose(short_causal_conv(jnp.asarray(p), w, b), expected, rtol=1e-5, atol=1e-6)
+    # short_causal_conv is channels-first: (B, C, L).
+    got = short_causal_conv(jnp.asarray(p).transpose(0, 2, 1), w, b).transpose(0, 2, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_short_conv_gradients_equal_autodiff_of_its_definition():
     rng = np.random.default_rng(3)
-    p, ds = (jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32) for _ in range(2))
+    p, ds = (jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32) for _ in range(2))
     w = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
     b = jnp.asarray(rng.standard_normal(4), jnp.float32)
 
     def plain(p, w, b):  # the forward of short_causal_conv, differentiated by JAX
-        padded = jnp.pad(p, ((0, 0), (2, 0), (0, 0)))
-        return b + sum(w[:, j] * padded[:, j : j + p.shape[1]] for j in range(3))
+        padded = jnp.pad(p, ((0, 0), (0, 0), (2, 0)))
+        return b[:, None] + sum(w[:, j, None] * padded[..., j : j + p.shape[-1]] for j in range(3))
 
     _, vjp_plain = jax.vjp(plain, p, w, b)
     out, vjp_custom = jax.vjp(short_causal_conv, p, w, b)

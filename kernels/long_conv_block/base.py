@@ -85,13 +85,16 @@ def doubled_kernel(filt: ConvFilter, *, with_skip: bool = True) -> Array:
     tap is ``k_fwd[0] + D``.
     """
     kf = filt.k_fwd_HxL.astype(COMPUTE_DTYPE)
-    if with_skip:
-        kf = kf.at[:, 0].add(filt.d_H.astype(COMPUTE_DTYPE))
     if filt.k_rev_HxL is None:
         kr_rev = jnp.zeros_like(kf)
     else:
         kr_rev = filt.k_rev_HxL.astype(COMPUTE_DTYPE)[:, ::-1]
-    return jnp.concatenate([kf, kr_rev], axis=-1)
+    lag0 = kf[:, :1]
+    if with_skip:
+        lag0 = lag0 + filt.d_H.astype(COMPUTE_DTYPE)[:, None]
+    # One concatenation (a single fused copy), not an update of the lag-0 column in place: at
+    # L = 2048 on CPU the in-place update cost as much as the FFTs of the block.
+    return jnp.concatenate([lag0, kf[:, 1:], kr_rev], axis=-1)
 
 
 # conv(x_SxBxHxL, k_Sx?...) for S stacked filter sets: see `gated_block`.
