@@ -101,7 +101,9 @@ def test_sequence_mixer_through_the_triton_kernel_with_dropout():
     mixer = {i: SequenceMixer(cfg.replace(long_conv_implementation=i), rngs=nnx.Rngs(0))
              for i in ("xla_fft", "pallas_triton")}
     y_ref, y_kernel = (np.asarray(mixer[i](u, dropout_rng=rng)) for i in mixer)
-    assert np.linalg.norm(y_kernel - y_ref) / np.linalg.norm(y_ref) < 1e-5
+    # Interpreted (CPU) the kernel is plain float32; compiled on a GPU its dots are 3xTF32.
+    rtol = 1e-5 if jax.default_backend() == "cpu" else 1e-4
+    assert np.linalg.norm(y_kernel - y_ref) / np.linalg.norm(y_ref) < rtol
     y_no_drop = np.asarray(mixer["xla_fft"](u))
     assert np.linalg.norm(y_no_drop - y_ref) / np.linalg.norm(y_ref) > 1e-2  # the mask acted
 
