@@ -269,7 +269,7 @@ def build_model(
     ):
         # XLA:CPU's FFT rejects the operand layouts that fsdp/tensor partitioning produces
         # (RET_CHECK in fft_thunk.cc); the Monarch-DFT path is all matmuls and gives the same
-        # numbers (tests/test_long_conv.py), so CPU model-parallel runs use it.
+        # numbers (tests/kernels/test_xla_monarch.py), so CPU model-parallel runs use it.
         logging.warning("CPU mesh with fsdp/tensor axes: using the 'xla_monarch' long convolution")
         overrides["long_conv_implementation"] = "xla_monarch"
     cfg = get_model_config(config.model.name, **overrides)
