@@ -97,33 +97,30 @@ def doubled_kernel(filt: ConvFilter, *, with_skip: bool = True) -> Array:
     return jnp.concatenate([lag0, kf[:, 1:], kr_rev], axis=-1)
 
 
-# conv(x_SxBxHxL, k_Sx?...) for S stacked filter sets: see `gated_block`.
-StackedConv = Callable[[Array, Array], Array]
+# conv(x_BxHxL, k_Hx2L) -> y_BxHxL: see `gated_block`.
+Conv = Callable[[Array, Array], Array]
 
 
-def gated_block(conv: StackedConv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
+def gated_block(conv: Conv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
                 gate: ConvFilter, u_BxHxL: Array | None, residual: ConvFilter | None) -> Array:
     """The gating around the convolutions, shared by the XLA implementations.
 
-    Both convolutions of the block (the gate's on ``v * x1`` and the residual's on u) run as one
-    call on stacked operands, so each implementation launches one set of transforms per block.
-
     Args:
-        conv: ``conv(x_SxBxHxL, k_SxHx2L) -> y_SxBxHxL``, float32 in and out, the first L outputs
-            of the size-2L circular convolution of each zero-padded signal with its kernel
-            (S = 1 or 2 filter sets, `doubled_kernel` with the skip folded in).
+        conv: ``conv(x_BxHxL, k_Hx2L) -> y_BxHxL``, float32 in and out, the first L outputs of the
+            size-2L circular convolution of the zero-padded signal with the kernel
+            (`doubled_kernel`, skip folded in).
         the rest: as `kernels.long_conv_block.long_conv_block`.
 
     Returns:
         y, (B, H, L), dtype of v.
+
+    The two convolutions run as separate calls on (B, H, L) arrays, never stacked on a new
+    leading axis: under data-parallel SPMD partitioning on CPU, a stacked FFT operand was
+    all-gathered into a layout XLA:CPU's FFT rejects (RET_CHECK in fft_thunk.cc).
     """
     f32 = COMPUTE_DTYPE
     w = v_BxHxL.astype(f32) * x1_BxHxL.astype(f32)
-    if u_BxHxL is None:
-        y = conv(w[None], doubled_kernel(gate)[None])[0] * x2_BxHxL.astype(f32)
-    else:
-        x_2xBxHxL = jnp.stack([w, u_BxHxL.astype(f32)])
-        k_2xHx2L = jnp.stack([doubled_kernel(gate), doubled_kernel(residual)])
-        y_2xBxHxL = conv(x_2xBxHxL, k_2xHx2L)
-        y = y_2xBxHxL[0] * x2_BxHxL.astype(f32) + y_2xBxHxL[1]
+    y = conv(w, doubled_kernel(gate)) * x2_BxHxL.astype(f32)
+    if u_BxHxL is not None:
+        y = y + conv(u_BxHxL.astype(f32), doubled_kernel(residual))
     return y.astype(v_BxHxL.dtype)

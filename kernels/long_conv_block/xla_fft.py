@@ -22,11 +22,11 @@ def supports(seq_len: int, dtype: jnp.dtype) -> bool:
     return seq_len >= 1
 
 
-def _conv(x_SxBxHxL: Array, k_SxHxN: Array) -> Array:
-    l = x_SxBxHxL.shape[-1]
+def _conv(x_BxHxL: Array, k_HxN: Array) -> Array:
+    l = x_BxHxL.shape[-1]
     n = 2 * l
-    xhat = jnp.fft.rfft(x_SxBxHxL, n=n)
-    khat = jnp.fft.rfft(k_SxHxN, n=n)[:, None]
+    xhat = jnp.fft.rfft(x_BxHxL, n=n)
+    khat = jnp.fft.rfft(k_HxN, n=n)
     return jnp.fft.irfft(xhat * khat, n=n)[..., :l]
 
 

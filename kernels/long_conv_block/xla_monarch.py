@@ -121,13 +121,13 @@ def first_rows_of_inverse(b_NxN1xN2: Array, rows: int) -> Array:
     return y.reshape(*y.shape[:-2], rows * n2)
 
 
-def _conv(x_SxBxHxL: Array, k_SxHxN: Array) -> Array:
-    l = x_SxBxHxL.shape[-1]
+def _conv(x_BxHxL: Array, k_HxN: Array) -> Array:
+    l = x_BxHxL.shape[-1]
     n1, n2 = conv_factors(2 * l)
     # The input fills the first n1 / 2 rows (no padding is materialised) and only those rows of
     # the output are kept; the 1/N of the inverse is folded into the kernel's spectrum.
-    xhat = spectrum_transposed(x_SxBxHxL, n1, n2)
-    khat = spectrum_transposed(k_SxHxN / (2 * l), n1, n2)[:, None]
+    xhat = spectrum_transposed(x_BxHxL, n1, n2)
+    khat = spectrum_transposed(k_HxN / (2 * l), n1, n2)
     return first_rows_of_inverse(xhat * khat, n1 // 2)
 
 
