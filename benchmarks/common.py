@@ -126,9 +126,9 @@ def print_summary(out_dir: str | os.PathLike) -> None:
                   for r in data["block"]}
             rows = []
             for (impl, pas, l), t in sorted(ms.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-                if impl != "pallas":
+                if impl != "pallas_triton":
                     continue
-                x = ms.get(("xla", pas, l))
+                x = ms.get(("xla_fft", pas, l))
                 err = next((r.get("rel_err_vs_xla") for r in data["block"]
                             if (r["implementation"], r["pass"], r["seq_len"]) == (impl, pas, l)),
                            None)

@@ -1,9 +1,11 @@
-"""Throughput of the M2 long-conv block alone: the Pallas kernel vs the XLA path.
+"""Throughput of the M2 long-conv block alone, per implementation of `kernels.long_conv_block`.
 
-Times `kernels.m2_long_conv_block` (gate v*x1, bidirectional long conv + D, *x2, residual long
-conv of u) at M2-BERT-base width H = 768, forward and forward+backward, with random inputs and
-Hyena-like filters. The kernel is timed only where it is compiled (GPU); in the CPU interpreter
-its time means nothing, so CPU runs time it only in `smoke` mode (to exercise the code path).
+Times the block (gate v*x1, bidirectional long conv + D, *x2, residual long conv of u) at
+M2-BERT-base width H = 768, forward and forward+backward, with random inputs and Hyena-like
+filters, for the XLA paths (FFT, Monarch-DFT matmuls) and the Triton kernel. The kernel is timed
+only where it is compiled (GPU); in the CPU interpreter its time means nothing, so CPU runs time
+it only in `smoke` mode (to exercise the code path). Every implementation is checked against
+`xla_fft` on the same inputs before it is timed (`rel_err_vs_xla`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from kernels import ConvFilter, kernel_supports, m2_long_conv_block, use_interpreter
+from kernels.long_conv_block import ConvFilter, implementation_module, long_conv_block
+
+REFERENCE = "xla_fft"
 
 
 def _inputs(batch: int, hidden: int, seq_len: int, dtype: str):
@@ -34,9 +38,10 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
         on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """One row per (implementation, pass, L): median ms and tokens/ms (tokens = B * L)."""
     rows = []
-    impls = ["xla"]
+    impls = ["xla_fft", "xla_monarch"]
     if common.is_gpu() or smoke:
-        impls.insert(0, "pallas")
+        impls.insert(0, "pallas_triton")
+    kernel = implementation_module("pallas_triton")
     passes = ["forward", "forward+backward"] if backward else ["forward"]
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
@@ -45,10 +50,11 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
             for pas in passes:
                 row: dict[str, Any] = {"implementation": impl, "pass": pas, "seq_len": seq_len,
                                        "batch": batch, "hidden": hidden, "dtype": dtype,
-                                       "kernel_supports_L": kernel_supports(seq_len),
+                                       "kernel_supports_L": kernel.supports(seq_len, dtype),
                                        # An interpreted kernel's time is no kernel measurement.
-                                       "interpreted": impl == "pallas" and use_interpreter()}
-                fwd = lambda x1, x2, v, u, gate, res, impl=impl: m2_long_conv_block(
+                                       "interpreted": (impl == "pallas_triton"
+                                                       and kernel.use_interpreter())}
+                fwd = lambda x1, x2, v, u, gate, res, impl=impl: long_conv_block(
                     x1, x2, v, gate, u, res, implementation=impl)
                 if pas == "forward":
                     fn = jax.jit(fwd)
@@ -56,10 +62,10 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
                     fn = jax.jit(jax.grad(
                         lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5)))
                 try:
-                    if impl == "pallas" and pas == "forward":
-                        # Correct first (METHOD.md): the kernel against the XLA path, same inputs.
+                    if impl != REFERENCE and pas == "forward":
+                        # Correct first (METHOD.md): against the XLA FFT path, same inputs.
                         y_k = fn(x1, x2, v, u, gate, res).astype(jnp.float32)
-                        y_x = jax.jit(functools.partial(fwd, impl="xla"))(
+                        y_x = jax.jit(functools.partial(fwd, impl=REFERENCE))(
                             x1, x2, v, u, gate, res).astype(jnp.float32)
                         row["rel_err_vs_xla"] = float(jnp.linalg.norm(y_k - y_x)
                                                       / jnp.linalg.norm(y_x))
@@ -69,7 +75,7 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
                     row["tokens_per_ms"] = batch * seq_len / t["median_ms"]
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                print(f"  block {impl:6s} {pas:16s} L={seq_len:6d} B={batch:4d} "
+                print(f"  block {impl:13s} {pas:16s} L={seq_len:6d} B={batch:4d} "
                       + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row["error"]),
                       flush=True)
                 rows.append(row)
@@ -79,11 +85,11 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Kernel speed-up over XLA per (pass, L) where both ran."""
+    """Speed-up of each implementation over the XLA FFT path per (pass, L) where both ran."""
     ms = {(r["implementation"], r["pass"], r["seq_len"]): r.get("median_ms") for r in rows}
     out = {}
     for (impl, pas, l), t in sorted(ms.items()):
-        x = ms.get(("xla", pas, l))
-        if impl == "pallas" and t and x:
-            out[f"pallas_speedup_{pas}_L{l}"] = x / t
+        x = ms.get((REFERENCE, pas, l))
+        if impl != REFERENCE and t and x:
+            out[f"{impl}_speedup_{pas}_L{l}"] = x / t
     return out

@@ -1,27 +1,9 @@
-"""Fused kernels for m2jax: the M2 long-convolution block (Pallas/Triton) and its XLA reference.
+"""Kernels of m2jax, one package per op (tokamax layout); imports nothing from m2jax.
 
-Importing this package pulls in jax only; the Pallas modules load when the kernel path runs.
+`kernels.long_conv_block`: the gated bidirectional long-convolution block of the M2 sequence
+mixer, with XLA (FFT, Monarch-DFT matmuls) and Pallas (Triton; TPU slot) implementations.
 """
 
-from kernels.dft_plan import MAX_KERNEL_SEQ_LEN, MIN_KERNEL_SEQ_LEN, kernel_supports
-from kernels.m2_block import (
-    IMPLEMENTATIONS,
-    INTERPRET_ENV_VAR,
-    m2_long_conv_block,
-    resolve_implementation,
-    use_interpreter,
-)
-from kernels.reference import ConvFilter, m2_block_reference
+from kernels.long_conv_block import ConvFilter, long_conv_block
 
-__all__ = [
-    "ConvFilter",
-    "IMPLEMENTATIONS",
-    "INTERPRET_ENV_VAR",
-    "MAX_KERNEL_SEQ_LEN",
-    "MIN_KERNEL_SEQ_LEN",
-    "kernel_supports",
-    "m2_block_reference",
-    "m2_long_conv_block",
-    "resolve_implementation",
-    "use_interpreter",
-]
+__all__ = ["ConvFilter", "long_conv_block"]

@@ -1,7 +1,7 @@
 """MLM pretraining: `python launch/pretrain.py --config=configs/pretrain.py:smoke --workdir=out/smoke`.
 
 Config overrides: `--config.total_steps=1000 --config.optimizer.lr=5e-4`; every model field too
-(`--config.model.overrides.long_conv_implementation=monarch`). Re-running with the same workdir
+(`--config.model.overrides.long_conv_implementation=xla_monarch`). Re-running with the same workdir
 resumes from its newest checkpoint. For several processes (multi-host GPU/TPU), start one
 per host with --coordinator_address/--num_processes/--process_id, or rely on the cluster's
 environment (SLURM, TPU pods), which jax.distributed reads itself.

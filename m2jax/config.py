@@ -11,6 +11,8 @@ import dataclasses
 import warnings
 from typing import Any, Mapping
 
+from kernels.long_conv_block import IMPLEMENTATIONS as LONG_CONV_IMPLEMENTATIONS
+
 # The tokenizer (bert-base-uncased WordPiece) has 30522 tokens; the released checkpoints pad the
 # embedding table and decoder bias to a multiple of 8 (spec section 0).
 TOKENIZER_VOCAB_SIZE = 30522
@@ -60,10 +62,10 @@ class M2BertConfig:
     use_cls_token: bool = False  # classify the raw first-token state (no pooler dense+tanh)
     # m2jax only (not part of config.json).
     dtype: str = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"; params stay float32
-    # Per-conv paths m2jax.long_conv.IMPLEMENTATIONS ("fft", "monarch", "direct"), or the fused
-    # gated block of kernels.m2_long_conv_block: "pallas" (Pallas kernel, interpreted off GPU)
-    # or "auto" (the kernel on GPU, XLA FFTs on CPU/TPU); see m2jax.mixers.FUSED_BLOCK_IMPLEMENTATIONS.
-    long_conv_implementation: str = "fft"
+    # How the gated long-convolution block runs: kernels.long_conv_block.IMPLEMENTATIONS. "auto"
+    # picks per platform (Triton kernel on CUDA, the faster XLA path on CPU, the TPU path on TPU);
+    # "xla_fft", "xla_monarch" (DFT as matmuls), "pallas_triton" name one path everywhere.
+    long_conv_implementation: str = "auto"
     same_init_across_layers: bool = False  # reproduce the reference's deepcopy init quirk (spec 0)
     # Dropout on `v` and `y` inside the mixer when hyena_training_additions is on (spec 3.6). The
     # reference builds that dropout without passing a rate, so it is 0.0 in every released run.
@@ -96,6 +98,15 @@ _REQUIRED_REFERENCE_VALUES = {
 }
 
 
+# Values of `long_conv_implementation` before kernels.long_conv_block, and what replaced them.
+_RENAMED_LONG_CONV_IMPLEMENTATIONS = {
+    "fft": "'xla_fft'",
+    "monarch": "'xla_monarch'",
+    "pallas": "'pallas_triton'",
+    "direct": "'xla_fft' or 'xla_monarch' (the O(L^2) sum is only the tests' reference now)",
+}
+
+
 def _validate(cfg: M2BertConfig) -> None:
     problems = []
     if cfg.hidden_size % cfg.monarch_mlp_nblocks or cfg.intermediate_size % cfg.monarch_mlp_nblocks:
@@ -113,6 +124,13 @@ def _validate(cfg: M2BertConfig) -> None:
     if not cfg.use_glu_mlp:
         problems.append(
             "use_glu_mlp=False (the plain BERT MLP) is not implemented; M2 uses the GLU"
+        )
+    if cfg.long_conv_implementation not in LONG_CONV_IMPLEMENTATIONS:
+        renamed = _RENAMED_LONG_CONV_IMPLEMENTATIONS.get(cfg.long_conv_implementation)
+        problems.append(
+            f"long_conv_implementation must be one of {LONG_CONV_IMPLEMENTATIONS}, got "
+            f"{cfg.long_conv_implementation!r}"
+            + (f" (renamed: use {renamed})" if renamed else "")
         )
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")

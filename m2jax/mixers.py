@@ -8,16 +8,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.long_conv_block import ConvFilter, long_conv_block
 from m2jax.config import M2BertConfig
 from m2jax.filters import HyenaFilterSet
-from m2jax.long_conv import bidirectional_long_conv
 from m2jax.monarch import blockdiag_matmul
 
 # The reference's `hyena_training_additions` LayerNorm is a default torch LayerNorm (spec section 0).
 ADDITIONS_LAYER_NORM_EPS = 1e-5
-# `long_conv_implementation` values that run the whole gated block (v*x1, long conv + D*v, *x2,
-# + residual long conv) through `kernels.m2_long_conv_block` instead of one conv at a time.
-FUSED_BLOCK_IMPLEMENTATIONS = ("auto", "pallas")
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -121,17 +118,6 @@ class SequenceMixer(nnx.Module):
         self.filter_fn2 = HyenaFilterSet(cfg, rngs=rngs) if cfg.residual_long_conv else None
         self.out_linear = dense(cfg, H, H, rngs)
 
-    def _long_conv(self, filters: HyenaFilterSet, x_BxLxH: jax.Array) -> jax.Array:
-        """`LongConv_f(x) + D_f * x` in float32, channels-last in and out."""
-        L = x_BxLxH.shape[1]
-        k_fwd_HxL, k_rev_HxL = filters(L)
-        x_BxHxL = jnp.swapaxes(x_BxLxH, 1, 2).astype(jnp.float32)
-        y_BxHxL = bidirectional_long_conv(
-            x_BxHxL, k_fwd_HxL, k_rev_HxL, implementation=self.cfg.long_conv_implementation
-        )
-        y_BxHxL = y_BxHxL + filters.bias_D[...][None, :, None] * x_BxHxL
-        return jnp.swapaxes(y_BxHxL, 1, 2)
-
     def __call__(self, u_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         compute = jnp.dtype(self.cfg.dtype)
         rate = self.cfg.sequence_mixer_dropout_prob
@@ -144,58 +130,30 @@ class SequenceMixer(nnx.Module):
             p_BxLx3H, self.short_conv_weight[...], self.short_conv_bias[...]
         )
         x1, x2, v = jnp.split(s_BxLx3H, 3, axis=-1)
-        if self.cfg.long_conv_implementation in FUSED_BLOCK_IMPLEMENTATIONS:
-            y = self._fused_block(x1, x2, v, u_BxLxH, rng_v)
-        else:
-            y = self._unfused_block(x1, x2, v, u_BxLxH, rng_v)
-        y = y.astype(compute)
+        if self.cfg.hyena_training_additions:
+            # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
+            x1 = dropout(x1, rate, rng_v)
+        y = self._long_conv_block(x1, x2, v, u_BxLxH).astype(compute)
         if self.cfg.hyena_training_additions:
             y = dropout(y, rate, rng_y)
         return self.out_linear(y)
 
-    def _unfused_block(
-        self,
-        x1: jax.Array,
-        x2: jax.Array,
-        v: jax.Array,
-        u_BxLxH: jax.Array,
-        rng_v: jax.Array | None,
+    def _long_conv_block(
+        self, x1: jax.Array, x2: jax.Array, v: jax.Array, u_BxLxH: jax.Array
     ) -> jax.Array:
-        """Steps 4-7 of spec 3.1 with one `bidirectional_long_conv` per filter set (B, L, H)."""
-        rate = self.cfg.sequence_mixer_dropout_prob
-        v = v * x1
-        if self.cfg.hyena_training_additions:
-            v = dropout(v, rate, rng_v)
-        y = self._long_conv(self.filter_fn, v)
-        y = y * x2.astype(jnp.float32)
-        if self.filter_fn2 is not None:
-            y = y + self._long_conv(self.filter_fn2, u_BxLxH)
-        return y
-
-    def _fused_block(
-        self,
-        x1: jax.Array,
-        x2: jax.Array,
-        v: jax.Array,
-        u_BxLxH: jax.Array,
-        rng_v: jax.Array | None,
-    ) -> jax.Array:
-        """Steps 4-7 of spec 3.1 through `kernels.m2_long_conv_block` (B, L, H in and out)."""
-        from kernels import ConvFilter, m2_long_conv_block  # lazy: kernels imports m2jax
-
-        if self.cfg.hyena_training_additions:
-            # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
-            x1 = dropout(x1, self.cfg.sequence_mixer_dropout_prob, rng_v)
+        """Steps 4-7 of spec 3.1 in one `kernels.long_conv_block` call; (B, L, H) in and out."""
         L = v.shape[1]
-        cf = lambda t: jnp.swapaxes(t, 1, 2)
+        cf = lambda t: jnp.swapaxes(t, 1, 2)  # the kernels are channels-first
         k_fwd, k_rev = self.filter_fn(L)
         gate = ConvFilter(k_fwd, k_rev, self.filter_fn.bias_D[...])
         u, residual = None, None
         if self.filter_fn2 is not None:
             g_fwd, g_rev = self.filter_fn2(L)
             u, residual = cf(u_BxLxH), ConvFilter(g_fwd, g_rev, self.filter_fn2.bias_D[...])
-        impl = "auto" if self.cfg.long_conv_implementation == "auto" else "pallas"
-        y_BxHxL = m2_long_conv_block(cf(x1), cf(x2), cf(v), gate, u, residual, implementation=impl)
+        y_BxHxL = long_conv_block(
+            cf(x1), cf(x2), cf(v), gate, u, residual,
+            implementation=self.cfg.long_conv_implementation,
+        )
         return cf(y_BxHxL)
 
 

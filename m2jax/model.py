@@ -4,9 +4,22 @@ Data flow (spec sections 2-3.5): ids -> `Embeddings` -> N x `M2Layer` (`Sequence
 `GLUDimensionMixer`) -> `MLMHead` (tied decoder), or the pooler + classifier, or the pooler alone
 (`M2BertForTextEncoding`, the retrieval models). Dropout runs only when
 a `dropout_rng` is passed (training); with none the model is deterministic.
+
+Compiled by default: calling a model (`model(input_ids, token_type_ids=None,
+attention_mask=None)`) checks the inputs on the host (integer ids of shape (B, L) with
+L <= max_position_embeddings, ids within the vocabulary and token types, matching shapes) and
+then runs a cached compiled forward, one compile per input shape and dtype (`compiled_forward`).
+The model's current parameters are read at every call, so `nnx.update` is seen at once. Inside a
+caller's own transformation (`jax.jit`, `nnx.jit`, `jax.grad`, ...: the inputs or the parameters
+are tracers) the call traces as ordinary code, and only the checks that need no values run
+(shape, dtype, length): the id ranges of traced ids cannot be checked there, and out-of-range ids
+are then clamped by the embedding lookup instead of raising.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +34,74 @@ def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
     return None if rng is None else jax.random.fold_in(rng, i)
 
 
-def _check_ids(name: str, ids: jax.Array, upper: int) -> None:
+def _is_traced(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _check_ids(name: str, ids: Any, upper: int) -> None:
     """Range check for concrete inputs (under jit the ids are tracers and cannot be inspected)."""
-    if isinstance(ids, jax.core.Tracer):
+    if _is_traced(ids):
         return
     arr = np.asarray(ids)
     if arr.size and (arr.min() < 0 or arr.max() >= upper):
         raise ValueError(
             f"{name} must lie in [0, {upper}); got values in [{arr.min()}, {arr.max()}]"
         )
+
+
+def check_inputs(
+    cfg: M2BertConfig,
+    input_ids: Any,
+    token_type_ids: Any | None = None,
+    attention_mask: Any | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Host-side checks of a model call; returns (ids, token types, mask) as int arrays (B, L).
+
+    Missing token types are zeros and a missing mask is ones. Raises ValueError naming the
+    argument; warns (`warn_if_shorter`) when L < max_position_embeddings.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    L = input_ids.shape[1]
+    if L > cfg.max_position_embeddings:
+        raise ValueError(
+            f"input length {L} exceeds max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    warn_if_shorter(L, cfg)
+    completed = [input_ids]
+    for name, arr, fill in (("token_type_ids", token_type_ids, 0), ("attention_mask", attention_mask, 1)):
+        arr = jnp.full_like(input_ids, fill) if arr is None else jnp.asarray(arr)
+        if arr.shape != input_ids.shape:
+            raise ValueError(f"{name} shape {arr.shape} != input_ids shape {input_ids.shape}")
+        if not (jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == jnp.bool_):
+            raise ValueError(f"{name} must be an integer (or bool) array, got dtype {arr.dtype}")
+        completed.append(arr)
+    _check_ids("input_ids", input_ids, cfg.vocab_size)
+    _check_ids("token_type_ids", completed[1], cfg.type_vocab_size)
+    return tuple(completed)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compiled_call(graphdef: nnx.GraphDef, method: str, state: nnx.State, *args: Any) -> Any:
+    return getattr(nnx.merge(graphdef, state), method)(*args)
+
+
+def compiled_forward(module: nnx.Module, method: str, *args: Any) -> Any:
+    """``getattr(module, method)(*args)`` through one cached `jax.jit`, or traced in place.
+
+    The compiled function is keyed by the module's graph definition (its structure and static
+    settings) and the shapes and dtypes of the arrays, so every model of one configuration shares
+    one compile per input shape; the state (parameters) is an argument, read at every call. When
+    the arguments or the module's state are tracers (the caller's own jit/grad), the method is
+    called directly and traces into the caller's computation.
+    """
+    graphdef, state = nnx.split(module)
+    if _is_traced((state, args)):
+        return getattr(module, method)(*args)
+    return _compiled_call(graphdef, method, state, *args)
 
 
 class Embeddings(nnx.Module):
@@ -101,25 +173,18 @@ class M2BertModel(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """Returns the final hidden states, float32 (B, L, H)."""
-        cfg = self.cfg
-        if input_ids_BxL.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {input_ids_BxL.shape}")
-        L = input_ids_BxL.shape[1]
-        if L > cfg.max_position_embeddings:
-            raise ValueError(
-                f"input length {L} exceeds max_position_embeddings {cfg.max_position_embeddings}"
-            )
-        warn_if_shorter(L, cfg)
-        if token_type_ids_BxL is None:
-            token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
-        if token_type_ids_BxL.shape != input_ids_BxL.shape:
-            raise ValueError(
-                f"token_type_ids shape {token_type_ids_BxL.shape} != input_ids shape "
-                f"{input_ids_BxL.shape}"
-            )
-        _check_ids("input_ids", input_ids_BxL, cfg.vocab_size)
-        _check_ids("token_type_ids", token_type_ids_BxL, cfg.type_vocab_size)
+        """Returns the final hidden states, float32 (B, L, H); inputs checked on the host, then
+        the compiled forward (see the module docstring)."""
+        ids, types, _ = check_inputs(self.cfg, input_ids_BxL, token_type_ids_BxL)
+        return compiled_forward(self, "encode", ids, types, dropout_rng)
+
+    def encode(
+        self,
+        input_ids_BxL: jax.Array,
+        token_type_ids_BxL: jax.Array,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The encoder's computation on checked inputs (ids and types int (B, L)): float32 (B, L, H)."""
         x = self.embeddings(input_ids_BxL, token_type_ids_BxL, dropout_rng=_fold(dropout_rng, 0))
         for i, layer in enumerate(self.layers):
             x = layer(x, dropout_rng=_fold(dropout_rng, i + 1))
@@ -176,7 +241,12 @@ class MLMHead(nnx.Module):
 
 
 class _M2BertTask(nnx.Module):
-    """What every M2-BERT model with a task head offers besides its call."""
+    """What every M2-BERT model with a task head offers besides its computation (`apply`).
+
+    `model(input_ids, token_type_ids=None, attention_mask=None, *, dropout_rng=None)` checks the
+    inputs on the host and runs the compiled forward (module docstring): ids int (B, L); token
+    types default to zeros, the mask to ones.
+    """
 
     config: M2BertConfig
 
@@ -184,6 +254,27 @@ class _M2BertTask(nnx.Module):
     def params(self) -> nnx.State:
         """The trainable parameters (constants such as `t` and `deltas` left out)."""
         return nnx.state(self, nnx.Param)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        ids, types, mask = check_inputs(self.config, input_ids, token_type_ids, attention_mask)
+        return compiled_forward(self, "apply", ids, types, mask, dropout_rng)
+
+    def apply(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array,
+        attention_mask: jax.Array,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The model's computation on checked, completed inputs (all int (B, L))."""
+        raise NotImplementedError
 
 
 class M2BertForMaskedLM(_M2BertTask):
@@ -199,20 +290,9 @@ class M2BertForMaskedLM(_M2BertTask):
         self.bert = M2BertModel(cfg, add_pooler=False, rngs=rngs)
         self.cls = MLMHead(cfg, rngs=rngs)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        token_type_ids: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        *,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
+    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
         del attention_mask  # the reference's M2 encoder ignores it too
-        h_BxLxH = self.bert(
-            jnp.asarray(input_ids),
-            None if token_type_ids is None else jnp.asarray(token_type_ids),
-            dropout_rng=dropout_rng,
-        )
+        h_BxLxH = self.bert.encode(input_ids, token_type_ids, dropout_rng)
         return self.cls(h_BxLxH, self.bert.embeddings.word_embeddings.embedding[...])
 
 
@@ -220,7 +300,8 @@ class M2BertForSequenceClassification(_M2BertTask):
     """M2-BERT with a pooler and a linear classifier (regression when `num_labels == 1`).
 
     `model(input_ids, token_type_ids=None, attention_mask=None)` -> logits float32 (B, num_labels).
-    The mask only weights the mean pooling (`pool_all`); `pooled(...)` returns the pooler output.
+    The mask only weights the mean pooling (`pool_all`); `pooled(...)` (same arguments, also
+    checked and compiled) returns the pooler output.
     """
 
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
@@ -237,19 +318,17 @@ class M2BertForSequenceClassification(_M2BertTask):
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         """The sentence representation fed to the classifier, float32 (B, H)."""
+        ids, types, mask = check_inputs(self.config, input_ids, token_type_ids, attention_mask)
+        return compiled_forward(self, "apply_pooled", ids, types, mask, dropout_rng)
+
+    def apply_pooled(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
+        """`pooled`'s computation on checked, completed inputs."""
         return _sentence_representation(
             self.bert, input_ids, token_type_ids, attention_mask, _fold(dropout_rng, 0)
         )
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        token_type_ids: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        *,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
-        p_BxH = self.pooled(input_ids, token_type_ids, attention_mask, dropout_rng=dropout_rng)
+    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
+        p_BxH = self.apply_pooled(input_ids, token_type_ids, attention_mask, dropout_rng)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         if not cfg.use_cls_token:  # the reference skips dropout on the raw-CLS path
@@ -273,14 +352,7 @@ class M2BertForTextEncoding(_M2BertTask):
         self.config = cfg
         self.bert = M2BertModel(cfg, add_pooler=True, rngs=rngs)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        token_type_ids: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        *,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
+    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
         return _sentence_representation(
             self.bert, input_ids, token_type_ids, attention_mask, dropout_rng
         )
@@ -289,22 +361,15 @@ class M2BertForTextEncoding(_M2BertTask):
 def _sentence_representation(
     bert: M2BertModel,
     input_ids: jax.Array,
-    token_type_ids: jax.Array | None,
-    attention_mask: jax.Array | None,
+    token_type_ids: jax.Array,
+    attention_mask: jax.Array,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
     """Pooler output of `bert` (the raw first-token state when `use_cls_token`), float32 (B, H)."""
-    input_ids = jnp.asarray(input_ids)
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    h_BxLxH = bert(
-        input_ids,
-        None if token_type_ids is None else jnp.asarray(token_type_ids),
-        dropout_rng=dropout_rng,
-    )
+    h_BxLxH = bert.encode(input_ids, token_type_ids, dropout_rng)
     if bert.cfg.use_cls_token:
         return h_BxLxH[:, 0]
-    return bert.pool(h_BxLxH, jnp.asarray(attention_mask))
+    return bert.pool(h_BxLxH, attention_mask)
 
 
 class _InitKeys:

@@ -265,13 +265,13 @@ def build_model(
         mesh is not None
         and jax.default_backend() == "cpu"
         and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
-        and overrides.get("long_conv_implementation", "fft") == "fft"
+        and overrides.get("long_conv_implementation", "auto") in ("auto", "xla_fft")
     ):
         # XLA:CPU's FFT rejects the operand layouts that fsdp/tensor partitioning produces
         # (RET_CHECK in fft_thunk.cc); the Monarch-DFT path is all matmuls and gives the same
         # numbers (tests/test_long_conv.py), so CPU model-parallel runs use it.
-        logging.warning("CPU mesh with fsdp/tensor axes: using the 'monarch' long convolution")
-        overrides["long_conv_implementation"] = "monarch"
+        logging.warning("CPU mesh with fsdp/tensor axes: using the 'xla_monarch' long convolution")
+        overrides["long_conv_implementation"] = "xla_monarch"
     cfg = get_model_config(config.model.name, **overrides)
     cls = M2BertForMaskedLM if task == "mlm" else M2BertForSequenceClassification
     model = cls(cfg, rngs=nnx.Rngs(config.seed))

@@ -34,9 +34,11 @@ def test_benchmark_smoke_writes_valid_json(tmp_path):
 
     block = data["block"]
     assert {(r["implementation"], r["pass"], r["seq_len"]) for r in block} == {
-        (i, p, l) for i in ("pallas", "xla") for p in ("forward", "forward+backward")
-        for l in (128, 256)}
-    assert all(r["interpreted"] for r in block if r["implementation"] == "pallas")
+        (i, p, l) for i in ("pallas_triton", "xla_fft", "xla_monarch")
+        for p in ("forward", "forward+backward") for l in (128, 256)}
+    assert all(r["interpreted"] for r in block if r["implementation"] == "pallas_triton")
+    assert all(r["rel_err_vs_xla"] < 1e-5 for r in block
+               if r["implementation"] != "xla_fft" and r["pass"] == "forward")
     assert all(r["tokens_per_ms"] > 0 for r in block)
 
     s = data["summary"]
@@ -44,5 +46,5 @@ def test_benchmark_smoke_writes_valid_json(tmp_path):
     by = {(r["model"], r["seq_len"]): r["tokens_per_ms"] for r in fwd}
     assert abs(ratio - by[("m2-bert-base-80m[auto]", 128)] / by[("bert-base-transformer", 128)]) < 1e-9
     assert s["m2_L8192_over_L512"] is None  # those lengths were not run
-    assert "pallas_speedup_forward_L256" in s
+    assert "pallas_triton_speedup_forward_L256" in s and "xla_monarch_speedup_forward_L128" in s
     assert "Summary:" in proc.stdout and "tokens/ms" in proc.stdout

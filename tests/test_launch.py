@@ -63,7 +63,7 @@ def _changed_value(kind, value):
         return value + 3
     if kind is float:
         return 0.375 if value != 0.375 else 0.25
-    return "monarch" if value != "monarch" else "direct"
+    return "xla_monarch" if value != "xla_monarch" else "xla_fft"
 
 
 def _flag_text(value):
@@ -113,7 +113,7 @@ def test_unknown_override_names_the_field():
 
 def test_launch_reports_an_unknown_model_field_clearly():
     proc = _launch("pretrain.py", "--config=configs/pretrain.py:smoke", "--workdir=unused",
-                   f"{O}.long_conv_implementaton=monarch")
+                   f"{O}.long_conv_implementaton=xla_monarch")
     assert proc.returncode == 1
     assert ("FATAL Flags parsing error: --config.model.overrides.long_conv_implementaton: "
             "config.model.overrides has no field 'long_conv_implementaton' (did you mean "
@@ -130,7 +130,7 @@ def pretrain_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("launch") / "pretrain")
     proc = _ok(_launch(
         "pretrain.py", "--config=configs/pretrain.py:smoke", f"--workdir={workdir}", *TINY_FLAGS,
-        f"{O}.long_conv_implementation=monarch", "--config.global_batch_size=8",
+        f"{O}.long_conv_implementation=xla_monarch", "--config.global_batch_size=8",
         "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=2",
         "--config.eval_steps=1", "--config.checkpoint.every=2"))
     return workdir, proc
@@ -144,7 +144,7 @@ def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_run):
     assert "done: completed at step 4" in proc.stdout
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     config = json.load(open(os.path.join(workdir, "config.json")))
-    assert config["model"]["overrides"]["long_conv_implementation"] == "monarch"
+    assert config["model"]["overrides"]["long_conv_implementation"] == "xla_monarch"
     assert config["total_steps"] == 4
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
     assert isinstance(exported, m2jax.M2BertForMaskedLM)

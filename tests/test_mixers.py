@@ -9,7 +9,7 @@ from flax import nnx
 
 import m2jax
 from m2jax.mixers import GLUDimensionMixer, SequenceMixer, dropout, short_causal_conv
-from m2jax.monarch import blockdiag_to_dense
+from monarch_reference import blockdiag_to_dense
 
 
 def test_short_conv_equals_torch_conv1d_semantics():
@@ -31,8 +31,8 @@ def test_short_conv_equals_torch_conv1d_semantics():
 
 def _dense_glu(mlp, cfg, x, gelu):
     """The GLU mixer written out with dense matrices, in float64, with a given GELU."""
-    W1 = np.asarray(blockdiag_to_dense(mlp.gated_layers.weight[...]), np.float64)  # (2I, H)
-    W2 = np.asarray(blockdiag_to_dense(mlp.wo.weight[...]), np.float64)  # (H, I)
+    W1 = blockdiag_to_dense(np.asarray(mlp.gated_layers.weight[...], np.float64))  # (2I, H)
+    W2 = blockdiag_to_dense(np.asarray(mlp.wo.weight[...], np.float64))  # (H, I)
     g = x @ W1.T
     I = cfg.intermediate_size
     o = (gelu(g[..., :I]) * g[..., I:]) @ W2.T + np.asarray(mlp.wo.bias[...]) + x
@@ -63,12 +63,27 @@ def test_sequence_mixer_same_output_for_every_long_conv_implementation(additions
     base = m2jax.get_model_config("tiny", hyena_training_additions=additions)
     u = jax.random.normal(jax.random.key(0), (2, 16, base.hidden_size))
     outs = {}
-    for impl in ("fft", "monarch", "direct"):
+    for impl in ("auto", "xla_fft", "xla_monarch"):
         mixer = SequenceMixer(base.replace(long_conv_implementation=impl), rngs=nnx.Rngs(0))
         outs[impl] = np.asarray(mixer(u))
-    ref = outs["direct"]
-    for impl in ("fft", "monarch"):
+    ref = outs["xla_fft"]
+    for impl in ("auto", "xla_monarch"):
         assert np.linalg.norm(outs[impl] - ref) / np.linalg.norm(ref) < 1e-5, impl
+
+
+def test_sequence_mixer_through_the_triton_kernel_with_dropout():
+    # L = 128, the kernel's shortest sequence (interpreted here); dropout on v * x1 and y.
+    cfg = m2jax.get_model_config(
+        "tiny", hidden_size=16, intermediate_size=32, max_position_embeddings=128,
+        long_conv_l_max=128, hyena_training_additions=True, sequence_mixer_dropout_prob=0.3)
+    u = jax.random.normal(jax.random.key(2), (2, 128, 16))
+    rng = jax.random.key(9)
+    mixer = {i: SequenceMixer(cfg.replace(long_conv_implementation=i), rngs=nnx.Rngs(0))
+             for i in ("xla_fft", "pallas_triton")}
+    y_ref, y_kernel = (np.asarray(mixer[i](u, dropout_rng=rng)) for i in mixer)
+    assert np.linalg.norm(y_kernel - y_ref) / np.linalg.norm(y_ref) < 1e-5
+    y_no_drop = np.asarray(mixer["xla_fft"](u))
+    assert np.linalg.norm(y_no_drop - y_ref) / np.linalg.norm(y_ref) > 1e-2  # the mask acted
 
 
 def test_sequence_mixer_residual_long_conv_and_additions_change_the_output():

@@ -153,3 +153,102 @@ def test_same_init_across_layers_reproduces_the_deepcopy_quirk():
             assert np.array_equal(get(l0)[...], get(l1)[...]) == equal
         # Linear layers are re-initialised per layer by the HF init in both cases.
         assert not np.array_equal(l0.attention.in_linear.kernel[...], l1.attention.in_linear.kernel[...])
+
+
+# ---------------------------------------------------------------- the compiled call
+
+
+def _compiles():
+    return m2jax.model._compiled_call._cache_size()
+
+
+def test_call_compiles_once_per_input_shape_and_equals_the_traced_path(mlm):
+    ids, types = _ids(B=5)  # a batch size no other test here uses
+    before = _compiles()
+    a = mlm(ids, types)
+    assert _compiles() == before + 1
+    b = mlm(np.asarray(ids), np.asarray(types))  # NumPy inputs: same shapes, same compile
+    c = mlm(_ids(B=5, seed=1)[0], types)
+    assert _compiles() == before + 1
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    mlm(*_ids(B=6))  # a new batch size compiles once more
+    assert _compiles() == before + 2
+    # The same numbers as the model traced inside a caller's jit (which adds no compile here).
+    graphdef, state = nnx.split(mlm)
+    traced = jax.jit(lambda st, i, t: nnx.merge(graphdef, st)(i, t))(state, ids, types)
+    np.testing.assert_allclose(a, traced, rtol=1e-6, atol=1e-6)
+    assert _compiles() == before + 2
+
+
+def test_checks_run_on_the_host_before_compiling():
+    model = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
+    ids, types = _ids()
+    before = _compiles()
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(ids.at[0, 0].set(-1))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(ids.astype(jnp.float32))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        model(ids, types, jnp.ones((2, 15), jnp.int32))
+    with pytest.raises(ValueError, match="token_type_ids must be an integer"):
+        model(ids, types.astype(jnp.float32))
+    assert _compiles() == before
+
+
+def test_parameter_updates_are_seen_by_the_next_compiled_call():
+    model = m2jax.M2BertForSequenceClassification(CFG.replace(num_labels=3), rngs=nnx.Rngs(0))
+    ids, types = _ids()
+    before = model(ids, types)
+    params = model.params
+    params["classifier"]["bias"][...] = params["classifier"]["bias"][...] + 1.0
+    nnx.update(model, params)
+    np.testing.assert_allclose(model(ids, types), before + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_the_call_traces_under_the_callers_grad_and_jit():
+    model = m2jax.M2BertForSequenceClassification(CFG.replace(num_labels=3), rngs=nnx.Rngs(0))
+    ids, types = _ids()
+    before = _compiles()
+
+    @nnx.jit
+    def grads(model):
+        return nnx.grad(lambda m: jnp.sum(m(ids, types) ** 2))(model)
+
+    g = grads(model)
+    assert np.linalg.norm(np.asarray(g["classifier"]["kernel"][...])) > 0
+    # Concrete ids with traced parameters: the checks still run, then the call traces in place.
+    bad_ids = ids.at[0, 0].set(CFG.vocab_size)
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        nnx.jit(lambda m: m(bad_ids))(model)
+    assert _compiles() == before
+
+
+# ---------------------------------------------------------------- one model, every platform
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _export_default_forward(platforms):
+    cfg = CFG.replace(max_position_embeddings=128, long_conv_l_max=128)
+    assert cfg.long_conv_implementation == "auto"  # the default
+    model = m2jax.M2BertForMaskedLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 128)), jnp.int32)
+    exported = jax.export.export(
+        jax.jit(lambda st, i: nnx.merge(graphdef, st)(i)), platforms=platforms,
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+    )(state, jax.ShapeDtypeStruct(ids.shape, ids.dtype))
+    return exported, model, state, ids
+
+
+def test_default_forward_exported_for_cuda_carries_the_triton_kernel():
+    exported, _, _, _ = _export_default_forward(["cuda"])
+    # The fused long-conv kernel (its lowering is shared by the layers' identical calls).
+    assert TRITON_CALL in exported.mlir_module()
+
+
+def test_default_forward_exported_for_cpu_and_cuda_runs_here():
+    exported, model, state, ids = _export_default_forward(["cpu", "cuda"])
+    assert exported.platforms == ("cpu", "cuda") and TRITON_CALL in exported.mlir_module()
+    np.testing.assert_allclose(exported.call(state, ids), model(ids), rtol=1e-5, atol=1e-5)

@@ -15,22 +15,29 @@ Backend: Triton (`pallas.triton.CompilerParams`), on purpose. It lowers for A100
 H100/H200 alike, its `dot` takes float32 planes with a chosen input precision (3xTF32 for float32
 callers, TF32 for bf16 callers), and it can be lowered for CUDA on a CPU machine. Mosaic GPU is
 Hopper-first (partial Ampere support) and is interpreted on CPU only through private APIs.
+
+Off a GPU the kernels run in the Pallas interpreter (tests), or as set by $M2JAX_PALLAS_INTERPRET.
+Compiled, each `pallas_call` is lowered for CUDA only (`lowering.lower_only_for`), so a module
+exported for several platforms can carry this path in its CUDA branch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels import dft_plan
-from kernels.dft_plan import DftPlan
+from kernels.long_conv_block import base, dft_plan, lowering
+from kernels.long_conv_block.base import ConvFilter
+from kernels.long_conv_block.dft_plan import DftPlan
 
 Array = jax.Array
+INTERPRET_ENV_VAR = "M2JAX_PALLAS_INTERPRET"
 _F32 = jnp.float32
 _NUM_CONSTANTS = 8
 
@@ -145,7 +152,7 @@ def _call(kernel_body, cfg: KernelConfig, signals: tuple[Array, ...], spectra: t
     tile = pl.BlockSpec((None, None, r, n2), lambda hi, bi: (bi, hi, 0, 0))
     spec_block = pl.BlockSpec((None, plan.n1, plan.n2), lambda hi, bi: (hi, 0, 0))
     const_specs = [pl.BlockSpec(c.shape, lambda hi, bi: (0, 0)) for c in consts]
-    return pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(kernel_body, has_residual=cfg.has_residual, precision=cfg.precision),
         out_shape=tuple(jax.ShapeDtypeStruct((b, h, r, n2), d) for d in out_dtypes),
         grid=(h, b),
@@ -154,7 +161,11 @@ def _call(kernel_body, cfg: KernelConfig, signals: tuple[Array, ...], spectra: t
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=cfg.interpret,
         name=kernel_body.__name__.strip("_"),
-    )(*signals, *spectra, *consts)
+    )
+    operands = (*signals, *spectra, *consts)
+    if cfg.interpret:
+        return call(*operands)
+    return tuple(lowering.lower_only_for("cuda", call, *operands))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -205,3 +216,52 @@ def _block_bwd(cfg, res, dy):
 
 
 block_on_tiles.defvjp(_block_fwd, _block_bwd)
+
+
+def supports(seq_len: int, dtype: jnp.dtype) -> bool:
+    """L a power of two in [128, 8192] (`dft_plan.kernel_supports`); float32 and bf16 inputs."""
+    return dft_plan.kernel_supports(seq_len) and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
+
+
+def use_interpreter(backend: str | None = None) -> bool:
+    """Whether the kernels run in the Pallas interpreter: $M2JAX_PALLAS_INTERPRET ("0"/"1") if
+    set, otherwise whenever the backend is not a GPU."""
+    flag = os.environ.get(INTERPRET_ENV_VAR, "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    if flag:
+        raise ValueError(f"${INTERPRET_ENV_VAR} must be '0' or '1'; got {flag!r}.")
+    backend = jax.default_backend() if backend is None else backend
+    return backend not in ("gpu", "cuda")
+
+
+def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
+                    u_BxHxL: Array | None = None, residual: ConvFilter | None = None, *,
+                    interpret: bool | None = None) -> Array:
+    """`kernels.long_conv_block.long_conv_block` as the fused Triton kernel; shapes as there.
+
+    Args:
+        interpret: run in the Pallas interpreter; None follows `use_interpreter()`.
+
+    Raises:
+        ValueError: L is not one the kernel handles (see `supports`).
+    """
+    seq_len = v_BxHxL.shape[-1]
+    if not supports(seq_len, v_BxHxL.dtype):
+        raise ValueError(
+            f"the Triton long-conv kernel needs L a power of two in "
+            f"[{dft_plan.MIN_KERNEL_SEQ_LEN}, {dft_plan.MAX_KERNEL_SEQ_LEN}] and float32 or "
+            f"bfloat16 inputs; got L = {seq_len}, dtype {v_BxHxL.dtype}. Use implementation="
+            f"'auto' (which falls back to XLA) or an XLA implementation.")
+    interpret = use_interpreter() if interpret is None else bool(interpret)
+    plan = dft_plan.make_plan(seq_len)
+    spectra = dft_plan.kernel_spectrum(base.doubled_kernel(gate), plan)
+    signals = [x1_BxHxL, x2_BxHxL, v_BxHxL]
+    if u_BxHxL is not None:
+        spectra += dft_plan.kernel_spectrum(base.doubled_kernel(residual), plan)
+        signals.append(u_BxHxL)
+    cfg = KernelConfig(plan=plan, has_residual=u_BxHxL is not None, interpret=interpret,
+                       precision=dot_precision(v_BxHxL.dtype, interpret))
+    tiles = tuple(dft_plan.to_tiles(s, plan) for s in signals)
+    y = block_on_tiles(cfg, tiles, spectra)
+    return dft_plan.from_tiles(y, plan)

@@ -122,31 +122,23 @@ def dft_constants(seq_len: int) -> DftConstants:
     return DftConstants(*(jnp.asarray(a) for a in _np_constants(seq_len)))
 
 
-def kernel_spectrum(k_fwd_HxL: Array, k_rev_HxL: Array | None, d_H: Array | None,
-                    plan: DftPlan) -> tuple[Array, Array]:
-    """Spectrum of the doubled kernel in the kernels' (N1, N2) layout, 1/N and D folded in.
+def kernel_spectrum(k_Hx2L: Array, plan: DftPlan) -> tuple[Array, Array]:
+    """Spectrum of a doubled kernel in the kernels' (N1, N2) layout, 1/N folded in.
 
-    ``conv(x, k) + D * x`` equals a convolution with ``k[0] + D`` at lag 0, so the skip term costs
-    nothing in the kernel. The spectrum is read transposed, ``K[k1, k2] = fft(k)[k1 + N1 * k2]``,
-    the layout in which the forward DFT stages leave the input's spectrum (spec section 7), and
-    scaled by 1/N so that the kernel's inverse stages need no extra multiply.
+    The spectrum is read transposed, ``K[k1, k2] = fft(k)[k1 + N1 * k2]``, the layout in which the
+    forward DFT stages leave the input's spectrum (spec section 7), and scaled by 1/N so that the
+    kernel's inverse stages need no extra multiply.
 
     Args:
-        k_fwd_HxL, k_rev_HxL: forward / reverse (or None) kernels, shape (H, L), any float dtype.
-        d_H: per-channel skip weight D, shape (H,), or None.
+        k_Hx2L: `base.doubled_kernel(filter)`: ``[k_fwd, reverse(k_rev)]`` with D folded into the
+            lag-0 tap (``conv(x, k) + D * x`` is a convolution with ``k[0] + D``), float32.
         plan: `make_plan(L)`.
 
     Returns:
         (real, imag) float32 planes of shape (H, N1, N2). Differentiable (jnp.fft).
     """
-    kf = k_fwd_HxL.astype(jnp.float32)
-    if d_H is not None:
-        kf = kf.at[:, 0].add(d_H.astype(jnp.float32))
-    kr = jnp.zeros_like(kf) if k_rev_HxL is None else k_rev_HxL.astype(jnp.float32)
-    # k[L + i] = k_rev[L - 1 - i]: lag -1 is k_rev[0], lag 0 belongs to k_fwd alone (spec 3.3).
-    k_HxN = jnp.concatenate([kf, kr[:, ::-1]], axis=-1)
-    khat_HxN = jnp.fft.fft(k_HxN, axis=-1) / plan.n
-    h = k_HxN.shape[0]
+    khat_HxN = jnp.fft.fft(k_Hx2L.astype(jnp.float32), axis=-1) / plan.n
+    h = k_Hx2L.shape[0]
     khat_HxN1xN2 = jnp.swapaxes(khat_HxN.reshape(h, plan.n2, plan.n1), 1, 2)
     return jnp.real(khat_HxN1xN2), jnp.imag(khat_HxN1xN2)
 

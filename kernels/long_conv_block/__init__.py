@@ -1,0 +1,28 @@
+"""The M2 gated long-convolution block: one op, several implementations (tokamax layout).
+
+    from kernels.long_conv_block import ConvFilter, long_conv_block
+    y = long_conv_block(x1, x2, v, ConvFilter(k_fwd, k_rev, d), u, ConvFilter(...))
+
+`api` holds the entry point and the per-platform dispatch of ``implementation="auto"``; `base`
+the arguments and the gating shared by the XLA paths; one module per implementation
+(`xla_fft`, `xla_monarch`, `pallas_triton`; `pallas_mosaic_tpu` when it exists).
+Importing this package needs jax only; the Pallas modules load when their path runs.
+"""
+
+from kernels.long_conv_block.api import (
+    AUTO_PREFERENCES,
+    IMPLEMENTATIONS,
+    auto_choice,
+    implementation_module,
+    long_conv_block,
+)
+from kernels.long_conv_block.base import ConvFilter
+
+__all__ = [
+    "AUTO_PREFERENCES",
+    "ConvFilter",
+    "IMPLEMENTATIONS",
+    "auto_choice",
+    "implementation_module",
+    "long_conv_block",
+]

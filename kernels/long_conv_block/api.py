@@ -1,0 +1,142 @@
+"""The one entry point of the long-convolution block, with per-platform dispatch.
+
+``long_conv_block(x1, x2, v, gate, u, residual, implementation=...)`` computes
+
+    y = (LongConv_f(v * x1) + D_f * v * x1) * x2 + LongConv_g(u) + D_g * u
+
+(spec 3.1 steps 4-7, channels-first) with one of
+
+* ``"xla_fft"``: XLA real FFTs of length 2L (`xla_fft`);
+* ``"xla_monarch"``: the DFT as matmuls, spec section 7 (`xla_monarch`);
+* ``"pallas_triton"``: the fused Triton-Pallas kernel with its custom VJP (`pallas_triton`),
+  interpreted off a GPU;
+* ``"pallas_mosaic_tpu"``: the TPU kernel's slot (registered in `_MODULES` once it exists);
+* ``"auto"`` (default): a choice per lowering platform through `jax.lax.platform_dependent`, so
+  one jitted or exported function carries the right path for each backend: `AUTO_PREFERENCES`
+  lists, per platform, the implementations tried in order; the first whose ``supports(L, dtype)``
+  holds is taken (the XLA paths always hold).
+
+Every implementation module has ``long_conv_block(x1, x2, v, gate, u=None, residual=None)`` and
+``supports(seq_len, dtype)``; adding one is one line in `_MODULES` (and, for `auto`, in
+`AUTO_PREFERENCES`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+
+from kernels.long_conv_block import base
+from kernels.long_conv_block.base import ConvFilter
+
+Array = jax.Array
+
+# Implementation name -> module. The TPU kernel registers itself here in one line:
+#   "pallas_mosaic_tpu": "kernels.long_conv_block.pallas_mosaic_tpu",
+_MODULES = {
+    "xla_fft": "kernels.long_conv_block.xla_fft",
+    "xla_monarch": "kernels.long_conv_block.xla_monarch",
+    "pallas_triton": "kernels.long_conv_block.pallas_triton",
+}
+# Names users may pass; a slot without a module gives a clear error.
+IMPLEMENTATIONS = ("auto", "xla_fft", "xla_monarch", "pallas_triton", "pallas_mosaic_tpu")
+
+# `auto`, per lowering platform: candidates in order of preference (the last always supports L).
+# CPU: the faster XLA path measured on the 2-core dev machine (benchmarks/long_conv_block.py,
+# docs/perf.md). TPU: its kernel, else the matmul DFT (XLA's TPU FFT is slow for large N).
+AUTO_PREFERENCES = {
+    "cpu": ("xla_fft",),
+    "cuda": ("pallas_triton", "xla_fft"),
+    "tpu": ("pallas_mosaic_tpu", "xla_monarch", "xla_fft"),
+    "default": ("xla_fft",),
+}
+
+
+def _check_implementation(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown implementation {implementation!r} for the long-conv block; expected one of "
+            f"{IMPLEMENTATIONS}.")
+    if implementation != "auto" and implementation not in _MODULES:
+        raise ValueError(
+            f"implementation {implementation!r} is not available: its module "
+            f"kernels/long_conv_block/{implementation}.py does not exist yet. Use 'auto' (it "
+            f"picks an available path on every platform) or one of "
+            f"{tuple(sorted(_MODULES))}.")
+
+
+def implementation_module(name: str) -> ModuleType:
+    """The module of a registered implementation (imported on first use: the Pallas modules
+    load only when their path runs)."""
+    _check_implementation(name)
+    if name == "auto":
+        raise ValueError("'auto' is a choice per platform, not a module; see auto_choice().")
+    return importlib.import_module(_MODULES[name])
+
+
+def auto_choice(platform: str, seq_len: int, dtype: jnp.dtype) -> str:
+    """The implementation ``"auto"`` runs on `platform` ("cpu", "cuda", "tpu", other) for L and
+    the inputs' dtype."""
+    for name in AUTO_PREFERENCES.get(platform, AUTO_PREFERENCES["default"]):
+        if name in _MODULES and implementation_module(name).supports(seq_len, dtype):
+            return name
+    raise AssertionError(f"no implementation supports L = {seq_len} on {platform}")
+
+
+def _auto(x1, x2, v, gate, u, residual):
+    seq_len, dtype = v.shape[-1], v.dtype
+    choice = {p: auto_choice(p, seq_len, dtype) for p in AUTO_PREFERENCES}
+    # Inside a branch, the compiled kernel (never the interpreter) runs on its own platform.
+    branch = {p: functools.partial(_run, choice[p], interpret=False) for p in choice}
+    if len(set(choice.values())) == 1:
+        return branch["default"](x1, x2, v, gate, u, residual)
+    return jax.lax.platform_dependent(
+        x1, x2, v, gate, u, residual,
+        cpu=branch["cpu"], cuda=branch["cuda"], tpu=branch["tpu"], default=branch["default"])
+
+
+def _run(name: str, x1, x2, v, gate, u, residual, *, interpret: bool | None) -> Array:
+    module = implementation_module(name)
+    if name.startswith("pallas"):
+        return module.long_conv_block(x1, x2, v, gate, u, residual, interpret=interpret)
+    return module.long_conv_block(x1, x2, v, gate, u, residual)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "interpret"))
+def _block(x1, x2, v, gate, u, residual, implementation, interpret):
+    if implementation == "auto":
+        return _auto(x1, x2, v, gate, u, residual)
+    return _run(implementation, x1, x2, v, gate, u, residual, interpret=interpret)
+
+
+def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
+                    u_BxHxL: Array | None = None, residual: ConvFilter | None = None, *,
+                    implementation: str = "auto", interpret: bool | None = None) -> Array:
+    """The gated long-convolution block of the M2 sequence mixer, channels-first.
+
+    Args:
+        x1_BxHxL, x2_BxHxL, v_BxHxL: branches of the short convolution, (B, H, L), float32 or
+            bf16 (all the same shape).
+        gate: `ConvFilter(k_fwd_HxL, k_rev_HxL or None, d_H)` applied to ``v * x1``.
+        u_BxHxL: the mixer's input for the residual long convolution, or None (no residual).
+        residual: its `ConvFilter` (given exactly when u is).
+        implementation: one of `IMPLEMENTATIONS` (see the module docstring).
+        interpret: Pallas implementations only: force the interpreter on/off (None: on unless a
+            GPU runs it, or $M2JAX_PALLAS_INTERPRET). ``auto`` always compiles its kernels.
+
+    Returns:
+        y, (B, H, L), dtype of v; the convolutions run in float32 (spec section 8).
+        Differentiable in every array argument.
+
+    Raises:
+        ValueError: an unknown or unavailable implementation, mismatched shapes, or an L the
+            explicitly named implementation does not handle.
+    """
+    _check_implementation(implementation)
+    base.check_args(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual)
+    return _block(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual,
+                  implementation=implementation, interpret=interpret)

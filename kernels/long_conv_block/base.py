@@ -1,0 +1,126 @@
+"""What every implementation of the long-convolution block shares: arguments, checks, gating.
+
+The block is steps 4-7 of the M2 sequence mixer (spec section 3.1), channels-first:
+
+    w = v * x1
+    y = (LongConv_f(w) + D_f * w) * x2 + LongConv_g(u) + D_g * u
+
+with the bidirectional long convolution of spec 3.3: the first L outputs of the size-2L circular
+convolution of the zero-padded signal with ``[k_fwd, reverse(k_rev)]``. Everything is computed in
+float32 (spec section 8) and returned in v's dtype.
+
+An implementation module (``xla_fft``, ``xla_monarch``, ``pallas_triton``, ...) exposes
+
+* ``long_conv_block(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL=None, residual=None)``, the
+  signature of `kernels.long_conv_block.long_conv_block` without ``implementation``;
+* ``supports(seq_len, dtype) -> bool``, which ``implementation="auto"`` consults.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+COMPUTE_DTYPE = jnp.float32
+
+
+class ConvFilter(NamedTuple):
+    """One filter set of the block: kernels (H, L) and the skip weight D (H,).
+
+    Attributes:
+        k_fwd_HxL: causal kernel, float.
+        k_rev_HxL: anti-causal kernel (``k_rev[0]`` acts at lag -1), or None for a causal-only
+            convolution.
+        d_H: per-channel skip weight D.
+    """
+
+    k_fwd_HxL: Array
+    k_rev_HxL: Array | None
+    d_H: Array
+
+
+def check_args(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
+               u_BxHxL: Array | None, residual: ConvFilter | None) -> None:
+    """Shape and dtype checks shared by every implementation; raises ValueError naming the
+    argument."""
+    if getattr(v_BxHxL, "ndim", None) != 3:
+        raise ValueError(f"v must have shape (B, H, L); got {tuple(jnp.shape(v_BxHxL))}.")
+    _, h, l = v_BxHxL.shape
+    if l < 1:
+        raise ValueError(f"v must have a sequence length L >= 1; got {tuple(v_BxHxL.shape)}.")
+    for name, t in (("x1", x1_BxHxL), ("x2", x2_BxHxL), ("v", v_BxHxL), ("u", u_BxHxL)):
+        if t is None:
+            continue
+        if t.shape != v_BxHxL.shape:
+            raise ValueError(f"{name} must have v's shape {tuple(v_BxHxL.shape)}; got "
+                             f"{tuple(t.shape)}.")
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array; got dtype {t.dtype}.")
+    if (u_BxHxL is None) != (residual is None):
+        raise ValueError("u and residual must be given together (or both None).")
+    for fname, filt in (("gate", gate), ("residual", residual)):
+        if filt is None:
+            continue
+        if not isinstance(filt, ConvFilter):
+            raise ValueError(f"{fname} must be a ConvFilter(k_fwd_HxL, k_rev_HxL, d_H); got "
+                             f"{type(filt).__name__}.")
+        for kname, k in (("k_fwd_HxL", filt.k_fwd_HxL), ("k_rev_HxL", filt.k_rev_HxL)):
+            if k is not None and tuple(k.shape) != (h, l):
+                raise ValueError(
+                    f"{fname}.{kname} must have shape (H, L) = {(h, l)}; got {tuple(k.shape)}.")
+        if tuple(filt.d_H.shape) != (h,):
+            raise ValueError(f"{fname}.d_H must have shape ({h},); got {tuple(filt.d_H.shape)}.")
+
+
+def doubled_kernel(filt: ConvFilter, *, with_skip: bool = True) -> Array:
+    """The length-2L circular kernel ``[k_fwd, reverse(k_rev)]``, float32 (H, 2L).
+
+    ``k[:, L + i] = k_rev[:, L - 1 - i]``: in a circular convolution of size 2L, index 2L - j is
+    lag -j, so k_rev[0] lands on lag -1 and lag 0 belongs to k_fwd alone (spec 3.3). With
+    ``with_skip`` the skip term is folded in: ``conv(x, k) + D * x`` is a convolution whose lag-0
+    tap is ``k_fwd[0] + D``.
+    """
+    kf = filt.k_fwd_HxL.astype(COMPUTE_DTYPE)
+    if with_skip:
+        kf = kf.at[:, 0].add(filt.d_H.astype(COMPUTE_DTYPE))
+    if filt.k_rev_HxL is None:
+        kr_rev = jnp.zeros_like(kf)
+    else:
+        kr_rev = filt.k_rev_HxL.astype(COMPUTE_DTYPE)[:, ::-1]
+    return jnp.concatenate([kf, kr_rev], axis=-1)
+
+
+# conv(x_SxBxHxL, k_Sx?...) for S stacked filter sets: see `gated_block`.
+StackedConv = Callable[[Array, Array], Array]
+
+
+def gated_block(conv: StackedConv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
+                gate: ConvFilter, u_BxHxL: Array | None, residual: ConvFilter | None) -> Array:
+    """The gating around the convolutions, shared by the XLA implementations.
+
+    Both convolutions of the block (the gate's on ``v * x1`` and the residual's on u) run as one
+    call on stacked operands, so each implementation launches one set of transforms per block.
+
+    Args:
+        conv: ``conv(x_SxBxHxL, k_SxHx2L) -> y_SxBxHxL``, float32 in and out, the first L outputs
+            of the size-2L circular convolution of each zero-padded signal with its kernel
+            (S = 1 or 2 filter sets, `doubled_kernel` with the skip folded in).
+        the rest: as `kernels.long_conv_block.long_conv_block`.
+
+    Returns:
+        y, (B, H, L), dtype of v.
+    """
+    f32 = COMPUTE_DTYPE
+    w = v_BxHxL.astype(f32) * x1_BxHxL.astype(f32)
+    if u_BxHxL is None:
+        y = conv(w[None], doubled_kernel(gate)[None])[0] * x2_BxHxL.astype(f32)
+    else:
+        x_2xBxHxL = jnp.stack([w, u_BxHxL.astype(f32)])
+        k_2xHx2L = jnp.stack([doubled_kernel(gate), doubled_kernel(residual)])
+        y_2xBxHxL = conv(x_2xBxHxL, k_2xHx2L)
+        y = y_2xBxHxL[0] * x2_BxHxL.astype(f32) + y_2xBxHxL[1]
+    return y.astype(v_BxHxL.dtype)
