@@ -20,6 +20,10 @@ grid axis is "arbitrary" for that). The filter spectra come from, and their cota
 to, the (H, 2L) taps through two small kernels of the same stages (`filter_spectrum`), so no FFT
 and no large XLA einsum runs on the TPU.
 
+Off a TPU the kernels run in the Pallas interpreter (tests), or as $M2JAX_PALLAS_INTERPRET says.
+Compiled, each `pallas_call` is lowered for TPU only (`lowering.lower_only_for`), so a module
+exported for several platforms carries this path in its TPU branch.
+
 Precision: float32 callers get float32 matmuls (``Precision.HIGHEST``, Mosaic's multi-pass fp32
 contraction); bf16 callers get bf16 operands and constants with float32 accumulation (one MXU
 pass). Signals are upcast to float32 on load; spectra, the spectral product and the gating are
@@ -30,18 +34,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.long_conv_block import tpu_dft, tpu_plan
+from kernels.long_conv_block import lowering, tpu_dft, tpu_plan
+from kernels.long_conv_block.base import ConvFilter
 from kernels.long_conv_block.tpu_plan import TpuPlan
 
 Array = jax.Array
+# The same switch as the Triton kernel's (`pallas_triton.INTERPRET_ENV_VAR`).
+INTERPRET_ENV_VAR = "M2JAX_PALLAS_INTERPRET"
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Mosaic's scoped-VMEM limit for these kernels; None keeps the compiler's default (16 MiB on
+# v4 / v5e / v5p, 32 MiB on v6e), which every supported L fits (docs/perf.md). The AOT check
+# (benchmarks/tpu_aot_check.py) sets a tiny limit to read each kernel's need from the error.
+VMEM_LIMIT_BYTES: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,34 +129,47 @@ def _backward_kernel(*refs, cfg: KernelConfig) -> None:
         for acc in accs:
             acc[...] = jnp.zeros(acc.shape, acc.dtype)
 
+    # Ordered so that at most two spectra of the tile are live at a time (VMEM at long L).
     dy, x1, x2, v = (_load(r) for r in sig[:4])
     kf = tuple(r[...] for r in spec[:p])
     w_hat = t.forward(v * x1)
     grads[1][...] = (dy * t.inverse(t.product(w_hat, kf, False))).astype(grads[1].dtype)
     gf_hat = t.forward(dy * x2)
+    for acc, c in zip(accs[:p], t.cotangent(w_hat, gf_hat)):
+        acc[...] += c
     dw = t.inverse(t.product(gf_hat, kf, True))
     grads[0][...] = (dw * v).astype(grads[0].dtype)
     grads[2][...] = (dw * x1).astype(grads[2].dtype)
-    for acc, c in zip(accs[:p], t.cotangent(w_hat, gf_hat)):
-        acc[...] += c
     if cfg.has_residual:
         kg = tuple(r[...] for r in spec[p:])
         dy_hat = t.forward(dy)
-        grads[3][...] = t.inverse(t.product(dy_hat, kg, True)).astype(grads[3].dtype)
         for acc, c in zip(accs[p:], t.cotangent(t.forward(_load(sig[4])), dy_hat)):
             acc[...] += c
+        grads[3][...] = t.inverse(t.product(dy_hat, kg, True)).astype(grads[3].dtype)
 
 
-def _channel_specs(plan: TpuPlan, tile: int, shape_fn, batched: bool) -> pl.BlockSpec:
-    """A BlockSpec taking ``tile`` channels (axis 1 if ``batched`` else 0), everything else whole."""
+def _channel_specs(plan: TpuPlan, tile: int, shape_fn, batched: bool,
+                   single_buffer: bool = False) -> pl.BlockSpec:
+    """A BlockSpec taking ``tile`` channels (axis 1 if ``batched`` else 0), everything else whole.
+
+    ``single_buffer``: for blocks whose index changes only with the channel tile (spectra,
+    accumulators): one VMEM buffer instead of two; the copy is exposed once per B steps.
+    """
     rest = shape_fn(1)[1:]
     zeros = (0,) * len(rest)
+    mode = pl.Buffered(1) if single_buffer else None
     if batched:
-        return pl.BlockSpec((None, tile) + rest, lambda h, b: (b, h) + zeros)
-    return pl.BlockSpec((tile,) + rest, lambda h, *_: (h,) + zeros)
+        return pl.BlockSpec((None, tile) + rest, lambda h, b: (b, h) + zeros, pipeline_mode=mode)
+    return pl.BlockSpec((tile,) + rest, lambda h, *_: (h,) + zeros, pipeline_mode=mode)
 
 
 _VMEM_WHOLE = pl.BlockSpec(memory_space=pltpu.VMEM)  # one copy for the kernel's lifetime
+
+
+def _run(call, cfg: KernelConfig, operands: tuple[Array, ...]) -> tuple[Array, ...]:
+    if cfg.interpret:
+        return tuple(call(*operands))
+    return tuple(lowering.lower_only_for("tpu", call, *operands))
 
 
 def _block_call(body, cfg: KernelConfig, tile: int, signals: tuple[Array, ...],
@@ -157,7 +182,8 @@ def _block_call(body, cfg: KernelConfig, tile: int, signals: tuple[Array, ...],
     plan = cfg.plan
     b, h = signals[0].shape[:2]
     sig_spec = _channel_specs(plan, tile, lambda c: plan.signal_shape(1, c)[1:], batched=True)
-    spec_spec = _channel_specs(plan, tile, plan.spectrum_shape, batched=False)
+    spec_spec = _channel_specs(plan, tile, plan.spectrum_shape, batched=False,
+                               single_buffer=True)
     consts = tpu_plan.constants(plan, "block", cfg.operand_dtype)
     sig_shape = signals[0].shape
     if grad_dtypes is None:
@@ -170,17 +196,19 @@ def _block_call(body, cfg: KernelConfig, tile: int, signals: tuple[Array, ...],
         out_specs = (sig_spec,) * len(grad_dtypes) + (spec_spec,) * len(spectra)
         # The cotangents accumulate over the batch axis: it runs in order on one core.
         semantics = ("parallel", "arbitrary")
-    return pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(body, cfg=cfg),
         out_shape=out_shape,
         grid=(h // tile, b),
         in_specs=[sig_spec] * len(signals) + [spec_spec] * len(spectra)
         + [_VMEM_WHOLE] * len(consts),
         out_specs=out_specs,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics,
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
         interpret=cfg.interpret,
         name=f"m2_block_{body.__name__.strip('_')}_{plan.kind}",
-    )(*signals, *spectra, *consts)
+    )
+    return _run(call, cfg, (*signals, *spectra, *consts))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -238,16 +266,18 @@ def _taps_call(cfg: KernelConfig, role: str, ins: tuple[Array, ...]) -> tuple[Ar
                                     "taps_to_spectrum" else (spec, taps, plan.taps_shape(h)))
     n_out = 2 if role == "taps_to_spectrum" else 1
     consts = tpu_plan.constants(plan, role, jnp.dtype(_F32))
-    return pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(_taps_kernel, plan=plan, role=role),
         out_shape=tuple(jax.ShapeDtypeStruct(out_shape, _F32) for _ in range(n_out)),
         grid=(h // cfg.tile_taps,),
         in_specs=[in_spec] * len(ins) + [_VMEM_WHOLE] * len(consts),
         out_specs=(out_spec,) * n_out,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
         interpret=cfg.interpret,
         name=f"m2_block_{role}_{plan.kind}",
-    )(*ins, *consts)
+    )
+    return _run(call, cfg, (*ins, *consts))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -298,37 +328,57 @@ def make_config(batch_shape: tuple[int, int, int], dtype: jnp.dtype, has_residua
         interpret=bool(interpret)), hp
 
 
-def long_conv_block_pallas_mosaic_tpu(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
-                                      gate_filter, u_BxHxL: Array | None = None,
-                                      residual_filter=None, *, interpret: bool = False) -> Array:
-    """The gated long-conv block through the Mosaic TPU kernels (shapes already checked).
+def supports(seq_len: int, dtype: jnp.dtype) -> bool:
+    """`tpu_plan.supports` (every power of two in [128, 32768]); float32 and bf16 inputs."""
+    return tpu_plan.supports(seq_len) and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
+
+
+def use_interpreter(backend: str | None = None) -> bool:
+    """Whether the kernels run in the Pallas interpreter: $M2JAX_PALLAS_INTERPRET ("0"/"1") if
+    set, otherwise whenever the backend is not a TPU."""
+    flag = os.environ.get(INTERPRET_ENV_VAR, "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    if flag:
+        raise ValueError(f"${INTERPRET_ENV_VAR} must be '0' or '1'; got {flag!r}.")
+    return (jax.default_backend() if backend is None else backend) != "tpu"
+
+
+def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
+                    u_BxHxL: Array | None = None, residual: ConvFilter | None = None, *,
+                    interpret: bool | None = None) -> Array:
+    """`kernels.long_conv_block.long_conv_block` as the Mosaic TPU kernels; shapes as there.
 
     Args:
-        x1_BxHxL, x2_BxHxL, v_BxHxL: (B, H, L) float32 or bf16; L must satisfy
-            `tpu_plan.supports` (the dispatcher falls back to XLA Monarch otherwise).
-        gate_filter: ``(k_fwd_HxL, k_rev_HxL | None, d_H)`` applied to ``v * x1``.
-        u_BxHxL, residual_filter: the residual convolution's input and filter, or both None.
-        interpret: run the kernels in the Pallas interpreter (CPU).
+        interpret: run in the Pallas interpreter; None follows `use_interpreter()`.
 
-    Returns:
-        y, (B, H, L), dtype of v. Differentiable in every array argument.
+    Raises:
+        ValueError: L or the dtype is not one the kernel handles (see `supports`).
     """
     b, h, l = v_BxHxL.shape
+    if not supports(l, v_BxHxL.dtype):
+        raise ValueError(
+            f"the Mosaic TPU long-conv kernel needs L a multiple of 128 in "
+            f"[{tpu_plan.MIN_SEQ_LEN}, {tpu_plan.MAX_DENSE_SEQ_LEN}] or of 1024 in "
+            f"[{tpu_plan.MIN_MONARCH_SEQ_LEN}, {tpu_plan.MAX_SEQ_LEN}], and float32 or bfloat16 "
+            f"inputs; got L = {l}, dtype {v_BxHxL.dtype}. Use implementation='auto' (which falls "
+            f"back to XLA Monarch) or an XLA implementation.")
+    interpret = use_interpreter() if interpret is None else bool(interpret)
     cfg, hp = make_config((b, h, l), v_BxHxL.dtype, u_BxHxL is not None, interpret)
     pad = lambda a: a if hp == h else jnp.pad(a, ((0, 0),) * (a.ndim - 2) + ((0, hp - h), (0, 0)))
     pad_d = lambda d: d if hp == h else jnp.pad(d, (0, hp - h))
 
-    def spectrum(filt) -> tuple[Array, ...]:
-        k_fwd, k_rev, d = filt
-        taps = tpu_plan.doubled_taps(pad(k_fwd), None if k_rev is None else pad(k_rev),
-                                     pad_d(d), cfg.plan)
+    def spectrum(filt: ConvFilter) -> tuple[Array, ...]:
+        k_rev = None if filt.k_rev_HxL is None else pad(filt.k_rev_HxL)
+        taps = tpu_plan.doubled_taps(pad(filt.k_fwd_HxL), k_rev, pad_d(filt.d_H), cfg.plan)
         return tpu_plan.pack_spectrum(filter_spectrum(cfg, taps), cfg.plan)
 
     signals = [x1_BxHxL, x2_BxHxL, v_BxHxL]
-    spectra = spectrum(gate_filter)
+    spectra = spectrum(gate)
     if u_BxHxL is not None:
         signals.append(u_BxHxL)
-        spectra += spectrum(residual_filter)
+        spectra += spectrum(residual)
     tiles = tuple(tpu_plan.to_kernel_layout(pad(s), cfg.plan) for s in signals)
     y = tpu_plan.from_kernel_layout(block_on_tiles(cfg, tiles, spectra), cfg.plan)
     return y[:, :h] if hp != h else y
+
