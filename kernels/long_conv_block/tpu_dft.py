@@ -62,8 +62,8 @@ class MonarchDft:
     Stage 1 contracts the sublane axis with ``f1`` (N1, Q) for every channel (a batched matmul
     whose batch is the channel axis); stage 2 contracts the lanes with F_128 as one
     (C * N1, 128) @ (128, 128) matmul; B[k1, k2] holds frequency k1 + N1 * k2 (spec section 7).
-    The inverse runs conj(F_128), the conjugate twiddles and ``g1`` (P, N1) and keeps the real
-    part. Block kernel: Q = P = R (zero input rows skipped, only the L outputs computed); filter
+    The inverse runs conj(F_128), the conjugate twiddles and ``g1`` (P, N1), or ``conj(f1)^T``
+    when no g1 is given, and keeps the real part. Block kernel: Q = P = R (zero input rows skipped, only the L outputs computed); filter
     taps: Q = P = N1. Spectrum planes (kr, ki), (C, N1, 128).
     """
 
@@ -77,6 +77,13 @@ class MonarchDft:
         m_b = jnp.broadcast_to(m, (x.shape[0],) + m.shape)
         return jax.lax.dot_general(
             m_b, x.astype(self.dtype), (((2,), (1,)), ((0,), (0,))),
+            precision=self.precision, preferred_element_type=_F32)
+
+    def _left_t(self, m: Array, x: Array) -> Array:
+        """``m^T @ x[c]`` for every channel c: (Q, P) and (C, Q, 128) -> (C, P, 128)."""
+        m_b = jnp.broadcast_to(m, (x.shape[0],) + m.shape)
+        return jax.lax.dot_general(
+            m_b, x.astype(self.dtype), (((1,), (1,)), ((0,), (0,))),
             precision=self.precision, preferred_element_type=_F32)
 
     def _right(self, x: Array, m: Array) -> Array:
@@ -97,7 +104,11 @@ class MonarchDft:
         cr = self._right(pr, c["f2r"]) + self._right(pi, c["f2i"])
         ci = self._right(pi, c["f2r"]) - self._right(pr, c["f2i"])
         cr, ci = cr * c["twr"] + ci * c["twi"], ci * c["twr"] - cr * c["twi"]
-        return self._left(c["g1r"], cr) - self._left(c["g1i"], ci)
+        if "g1r" in c:
+            return self._left(c["g1r"], cr) - self._left(c["g1i"], ci)
+        # Block kernel: conj(F_N1)[:R, :] = conj(f1)^T (F_N1 is symmetric), so the forward's f1
+        # serves the inverse too and VMEM holds one copy.
+        return self._left_t(c["f1r"], cr) + self._left_t(c["f1i"], ci)
 
     @staticmethod
     def product(xs: tuple[Array, Array], spec: tuple[Array, ...], adjoint: bool):

@@ -15,7 +15,7 @@ TPU it runs as dense matmuls on the MXU, in one of two forms chosen by L:
   output rows) are computed.
 
 The dense form costs 8 L FLOPs per token and channel per convolution and 3 L^2 constants;
-Monarch costs 8 N1 + 32 * 128 FLOPs and 4 N1 R + 4 * 128 (N1 + 128) constants. The switch sits
+Monarch costs 8 N1 + 32 * 128 FLOPs and 2 N1 R + 2 * 128 (N1 + 128) constants. The switch sits
 where the dense constants stop fitting VMEM comfortably (docs/perf.md, TPU section).
 
 Kernel spectra are kept in the layout the forward stages leave a signal's spectrum in, with 1/N
@@ -162,10 +162,10 @@ def _np_constants(seq_len: int, role: str) -> tuple[tuple[str, np.ndarray], ...]
         tw = _phase(np.outer(i1, i2), p.n)
         shared = (("twr", tw.real), ("twi", tw.imag), ("f2r", f2.real), ("f2i", f2.imag))
         if role == "block":
-            # Signals: only the R non-zero input rows enter stage 1, only R output rows are kept.
-            f1_cols, g1_rows = f1[:, :p.rows], np.conj(f1)[:p.rows, :]
-            named = ((("f1r", f1_cols.real), ("f1i", f1_cols.imag)) + shared
-                     + (("g1r", g1_rows.real), ("g1i", g1_rows.imag)))
+            # Signals: only the R non-zero input rows enter stage 1, only R output rows are kept;
+            # the inverse's conj(F_N1)[:R, :] is conj(f1)^T (F_N1 is symmetric).
+            f1_cols = f1[:, :p.rows]
+            named = (("f1r", f1_cols.real), ("f1i", f1_cols.imag)) + shared
         elif role == "taps_to_spectrum":  # all N taps, 1/N folded into stage 1
             named = (("f1r", f1.real / p.n), ("f1i", f1.imag / p.n)) + shared
         else:  # the adjoint: conjugate stages over all N1 rows, the same 1/N

@@ -19,12 +19,11 @@ from kernels.long_conv_block import (ConvFilter, api, long_conv_block, pallas_mo
 
 MOSAIC_CALL = "tpu_custom_call"
 Case = test_base.Case
-# The interpreter is slow: six cases cover both DFT forms, f32 and bf16, with and without the
+# The interpreter is slow: five cases cover both DFT forms, f32 and bf16, with and without the
 # residual and reverse kernels, several L and H, several channel tiles and a padded H.
 TPU_CASES = (
     Case(2, 3, 128),                                    # dense, residual + reverse
     Case(2, 3, 128, dtype="bfloat16"),
-    Case(1, 2, 256, reverse=False),
     Case(2, 36, 512, residual=False),  # backward tiles of 8 channels, H padded to 40
     Case(2, 3, 1024),                                   # Monarch
     Case(1, 2, 2048, reverse=False, dtype="bfloat16"),
@@ -105,13 +104,11 @@ def test_compiled_kernel_runs_only_on_tpu():
             fn.lower(x).compile()
 
 
-def test_auto_exported_for_cpu_and_tpu_runs_here_with_the_cpu_path():
+def test_auto_exported_for_cpu_and_tpu_carries_the_kernel_in_the_tpu_branch():
+    # `auto` lowers one branch per platform: the CPU's XLA path and the TPU's Mosaic kernels.
+    # (tests/kernels/test_api.py runs such a multi-platform module on this CPU.)
     exp = export_value_and_grad(256, jnp.float32, platforms=("cpu", "tpu"), implementation="auto")
     assert exp.platforms == ("cpu", "tpu") and exp.mlir_module().count(MOSAIC_CALL) == 6
-    x1, x2, v, gate, u, res = test_base.make_inputs(test_base.Case(2, 8, 256))
-    value, _ = exp.call(x1, x2, v, u, gate, res)
-    want = jnp.sum(jnp.asarray(test_base.direct_block_np(x1, x2, v, gate, u, res)) ** 2)
-    np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
 
 
 @pytest.mark.parametrize("l", [64, 100, 640, 1536, 65536])
