@@ -54,7 +54,8 @@ def run(seq_lens, *, dtype: str, hidden: int, tokens_per_step: int, warmup: int,
                     "interpreted": impl == KERNEL and pallas_mosaic_tpu.use_interpreter()}
                 if impl == KERNEL and expected is not None:
                     kinds = ("forward",) if pas == "forward" else ("forward", "backward")
-                    row["expected_ms"] = sum(expected[k]["ns"] for k in kinds) * batch * seq_len / 1e6
+                    ns = sum(expected[k]["ns"] for k in kinds)
+                    row["expected_ms"] = ns * batch * seq_len / 1e6
                     row["expected_bound"] = expected["forward"]["bound"]
                 fwd = lambda x1, x2, v, u, gate, res, impl=impl: long_conv_block(
                     x1, x2, v, gate, u, res, implementation=impl)

@@ -27,7 +27,8 @@ BATCH = 2
 @pytest.fixture(scope="module")
 def default_model():
     """The abstract default model, shapes only: M2-BERT-base 80M (H = 768, L = 128, float32,
-    ``long_conv_implementation="auto"``) with 2 of its 12 identical layers, to keep tracing short."""
+    ``long_conv_implementation="auto"``) with 2 of its 12 identical layers, to keep tracing
+    short."""
     cfg = m2jax.get_model_config("m2-bert-base-80m", num_hidden_layers=2)
     assert cfg.long_conv_implementation == "auto" and cfg.max_position_embeddings == 128
     assert cfg.hidden_size == 768 and cfg.dtype == "float32"

@@ -318,8 +318,9 @@ def make_config(batch_shape: tuple[int, int, int], dtype: jnp.dtype, has_residua
     # axis is a leading block dim. The taps kernels' blocks are float32.
     align = (16 if op_dtype == jnp.bfloat16 else 8) if dense else 1
     budgets = (tpu_plan.TILE_ELEMENTS_FORWARD, tpu_plan.TILE_ELEMENTS_BACKWARD)
+    # One padding serves all three kernels: a multiple of `align` is one of 8 as well.
     hp = max([tpu_plan.padded_channels(h, l, n, align) for n in budgets]
-             + [tpu_plan.padded_channels(h, plan.n, budgets[0], 8 if dense else 1)])
+             + [tpu_plan.padded_channels(h, plan.n, budgets[0], align)])
     return KernelConfig(
         plan=plan, has_residual=has_residual, operand_dtype=op_dtype,
         tile_forward=tpu_plan.channel_tile(hp, l, budgets[0], align),

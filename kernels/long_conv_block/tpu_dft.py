@@ -63,8 +63,8 @@ class MonarchDft:
     whose batch is the channel axis); stage 2 contracts the lanes with F_128 as one
     (C * N1, 128) @ (128, 128) matmul; B[k1, k2] holds frequency k1 + N1 * k2 (spec section 7).
     The inverse runs conj(F_128), the conjugate twiddles and ``g1`` (P, N1), or ``conj(f1)^T``
-    when no g1 is given, and keeps the real part. Block kernel: Q = P = R (zero input rows skipped, only the L outputs computed); filter
-    taps: Q = P = N1. Spectrum planes (kr, ki), (C, N1, 128).
+    when no g1 is given, and keeps the real part. Block kernel: Q = P = R (zero input rows skipped,
+    only the L outputs computed); filter taps: Q = P = N1. Spectrum planes (kr, ki), (C, N1, 128).
     """
 
     def __init__(self, consts: dict[str, Array], dtype: jnp.dtype, precision):
