@@ -7,7 +7,7 @@
 
 One program owns a tile of channels of one batch row and runs the whole block on it in VMEM: the
 size-2L DFT as dense matmuls on the MXU (real and imaginary planes, float32 accumulation; the
-two forms, dense real-DFT for L <= 512 and Monarch above, are in `tpu_plan` and `tpu_dft`), the
+two forms, dense real-DFT for L <= 384 and Monarch above, are in `tpu_plan` and `tpu_dft`), the
 product with the kernel spectrum (D, 1/N and the Hermitian factor folded in), the inverse, and
 the gating, so the block reads x1, x2, v, u once and writes y once. Grid (H / tile, B) with the
 batch innermost, so a channel tile's spectra stay in VMEM across it; the DFT constants are one
@@ -360,7 +360,8 @@ def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: Conv
     if not supports(l, v_BxHxL.dtype):
         raise ValueError(
             f"the Mosaic TPU long-conv kernel needs L a multiple of 128 in "
-            f"[{tpu_plan.MIN_SEQ_LEN}, {tpu_plan.MAX_DENSE_SEQ_LEN}] or of 1024 in "
+            f"[{tpu_plan.MIN_SEQ_LEN}, {tpu_plan.MAX_DENSE_SEQ_LEN}] or of "
+            f"{tpu_plan.MONARCH_SEQ_LEN_MULTIPLE} in "
             f"[{tpu_plan.MIN_MONARCH_SEQ_LEN}, {tpu_plan.MAX_SEQ_LEN}], and float32 or bfloat16 "
             f"inputs; got L = {l}, dtype {v_BxHxL.dtype}. Use implementation='auto' (which falls "
             f"back to XLA Monarch) or an XLA implementation.")

@@ -15,8 +15,9 @@ TPU it runs as dense matmuls on the MXU, in one of two forms chosen by L:
   output rows) are computed.
 
 The dense form costs 8 L FLOPs per token and channel per convolution and 3 L^2 constants;
-Monarch costs 8 N1 + 32 * 128 FLOPs and 2 N1 R + 2 * 128 (N1 + 128) constants. The switch sits
-where the dense constants stop fitting VMEM comfortably (docs/perf.md, TPU section).
+Monarch costs 8 N1 + 32 * 128 FLOPs and 2 N1 R + 2 * 128 (N1 + 128) constants. The two cost the
+same FLOPs at L = 512, where the dense form in float32 no longer fit v4's 16 MiB of VMEM (the
+Mosaic compiler's figure, docs/perf.md TPU section): Monarch takes over there.
 
 Kernel spectra are kept in the layout the forward stages leave a signal's spectrum in, with 1/N
 (and the dense form's Hermitian factor 2) folded in, so the inverse needs no extra multiply; the
@@ -42,8 +43,9 @@ Array = jax.Array
 LANES = 128  # TPU vector lane width: the Monarch N2 and the alignment of every last dim.
 SUBLANES = 8  # float32 sublanes: second-to-last block dims are multiples of this (or the full dim).
 MIN_SEQ_LEN = 128
-MAX_DENSE_SEQ_LEN = 512
-MIN_MONARCH_SEQ_LEN = 1024
+MAX_DENSE_SEQ_LEN = 384
+MIN_MONARCH_SEQ_LEN = 512
+MONARCH_SEQ_LEN_MULTIPLE = 4 * LANES  # R = L / 128 a multiple of 4: N1 = 2R fills sublane tiles
 MAX_SEQ_LEN = 32768
 # Elements (channels x positions) of one signal tile: 256 channels at L = 128, one at L = 32768.
 # The Mosaic compiler reported 1.4-5.9 MiB of scoped VMEM per kernel for every supported L at
@@ -56,13 +58,14 @@ TILE_ELEMENTS_BACKWARD = 16384
 def supports(seq_len: int) -> bool:
     """True when the TPU kernel handles L.
 
-    Dense form: L a multiple of 128 in [128, 512]. Monarch form: L a multiple of 1024 in
-    [1024, 32768] (R = L / 128 rows, a multiple of the 8 sublanes). Every power of two from 128 to
-    32768 is covered; other lengths fall back to the XLA Monarch path.
+    Dense form: L a multiple of 128 in [128, 384]. Monarch form: L a multiple of 512 in
+    [512, 32768] (R = L / 128 rows, N1 = 2R a multiple of the 8 sublanes). Every power of two from
+    128 to 32768 is covered; other lengths fall back to the XLA Monarch path.
     """
     if MIN_SEQ_LEN <= seq_len <= MAX_DENSE_SEQ_LEN:
         return seq_len % LANES == 0
-    return MIN_MONARCH_SEQ_LEN <= seq_len <= MAX_SEQ_LEN and seq_len % (LANES * SUBLANES) == 0
+    return (MIN_MONARCH_SEQ_LEN <= seq_len <= MAX_SEQ_LEN
+            and seq_len % MONARCH_SEQ_LEN_MULTIPLE == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ def make_plan(seq_len: int) -> TpuPlan:
     if not supports(seq_len):
         raise ValueError(
             f"the Pallas Mosaic TPU long-conv kernel needs L a multiple of 128 in [{MIN_SEQ_LEN}, "
-            f"{MAX_DENSE_SEQ_LEN}] or a multiple of 1024 in [{MIN_MONARCH_SEQ_LEN}, "
+            f"{MAX_DENSE_SEQ_LEN}] or a multiple of 512 in [{MIN_MONARCH_SEQ_LEN}, "
             f"{MAX_SEQ_LEN}]; "
             f"got L = {seq_len}.")
     if seq_len <= MAX_DENSE_SEQ_LEN:
