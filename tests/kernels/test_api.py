@@ -27,7 +27,7 @@ def test_auto_choice_per_platform():
     assert auto_choice("cuda", 100, f32) == "xla_fft"          # outside the kernel's range
     assert auto_choice("cpu", 2048, f32) == AUTO_PREFERENCES["cpu"][0]
     assert auto_choice("tpu", 2048, f32) == "pallas_mosaic_tpu"
-    assert auto_choice("tpu", 1536, f32) == "xla_monarch"  # outside the TPU kernel's range
+    assert auto_choice("tpu", 640, f32) == "xla_monarch"  # outside the TPU kernel's range
     assert auto_choice("tpu", 1, f32) == "xla_fft"  # L = 1: no Monarch factorisation
     assert auto_choice("rocm", 2048, f32) == AUTO_PREFERENCES["default"][0]
 
