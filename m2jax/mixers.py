@@ -17,19 +17,37 @@ from m2jax.monarch import blockdiag_matmul
 ADDITIONS_LAYER_NORM_EPS = 1e-5
 
 
+# Dropout draws 16 random bits per element: the keep probability is 1 - rate rounded to 1/65536.
+_DROPOUT_BITS = 16
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when `rng` is None (evaluation) or `rate` is 0."""
+    """Inverted dropout; the identity when `rng` is None (evaluation) or `rate` is 0.
+
+    Each element is kept when a 16-bit random number is below ``round((1 - rate) * 2^16)``, so
+    the keep probability is within 2^-17 of ``1 - rate``; kept elements are scaled by
+    ``1 / (1 - rate)``. Two elements share one 32-bit draw: on CPU the threefry draws cost as
+    much as a large matmul per GLU activation, and half as many draws run 3x faster.
+    """
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    threshold = round((1.0 - rate) * 2**_DROPOUT_BITS)
+    if threshold == 0:
+        return jnp.zeros_like(x)
+    n = x.size
+    bits_N = jax.random.bits(rng, ((n + 1) // 2,), jnp.uint32)
+    u16 = jnp.concatenate([bits_N & 0xFFFF, bits_N >> _DROPOUT_BITS])[:n].reshape(x.shape)
+    return jnp.where(u16 < threshold, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+@jax.custom_vjp
 def short_causal_conv(p_BxLxC: jax.Array, w_Cx3: jax.Array, b_C: jax.Array) -> jax.Array:
     """Depthwise causal conv of width 3: `s[t, c] = b[c] + sum_j w[c, j] p[t - 2 + j, c]`.
 
     Equals the reference's Conv1d(groups=C, kernel 3, padding 2) keeping the first L outputs.
-    Shapes: p (B, L, C), w (C, 3), b (C,) -> (B, L, C) in p's dtype.
+    Shapes: p (B, L, C), w (C, 3), b (C,) -> (B, L, C) in p's dtype. The backward is written out
+    (`_short_causal_conv_bwd`): autodiff of the shifted slices materialises one padded copy of
+    the cotangent per tap, a few percent of a CPU train step.
     """
     L = p_BxLxC.shape[1]
     padded = jnp.pad(p_BxLxC, ((0, 0), (2, 0), (0, 0)))
@@ -38,6 +56,28 @@ def short_causal_conv(p_BxLxC: jax.Array, w_Cx3: jax.Array, b_C: jax.Array) -> j
     for j in range(3):
         out = out + w[:, j] * padded[:, j : j + L, :]
     return out
+
+
+def _short_causal_conv_fwd(p_BxLxC, w_Cx3, b_C):
+    return short_causal_conv(p_BxLxC, w_Cx3, b_C), (p_BxLxC, w_Cx3, b_C)
+
+
+def _short_causal_conv_bwd(res, ds_BxLxC):
+    """dp[s] = sum_j w[j] ds[s + 2 - j] (zero past L); dw[j] = sum ds[t] p[t - 2 + j]; db = sum ds."""
+    p_BxLxC, w_Cx3, b_C = res
+    L = p_BxLxC.shape[1]
+    w = w_Cx3.astype(ds_BxLxC.dtype)
+    ds_pad = jnp.pad(ds_BxLxC, ((0, 0), (0, 2), (0, 0)))
+    dp = sum(w[:, j] * ds_pad[:, 2 - j : 2 - j + L, :] for j in range(3))
+    p_pad = jnp.pad(p_BxLxC, ((0, 0), (2, 0), (0, 0)))
+    dw_Cx3 = jnp.stack(
+        [jnp.sum(ds_BxLxC * p_pad[:, j : j + L, :], axis=(0, 1)) for j in range(3)], axis=-1
+    )
+    db = jnp.sum(ds_BxLxC, axis=(0, 1))
+    return dp.astype(p_BxLxC.dtype), dw_Cx3.astype(w_Cx3.dtype), db.astype(b_C.dtype)
+
+
+short_causal_conv.defvjp(_short_causal_conv_fwd, _short_causal_conv_bwd)
 
 
 def layer_norm(eps: float, dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:

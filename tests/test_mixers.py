@@ -29,6 +29,24 @@ def test_short_conv_equals_torch_conv1d_semantics():
     np.testing.assert_allclose(short_causal_conv(jnp.asarray(p), w, b), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_short_conv_gradients_equal_autodiff_of_its_definition():
+    rng = np.random.default_rng(3)
+    p, ds = (jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(4), jnp.float32)
+
+    def plain(p, w, b):  # the forward of short_causal_conv, differentiated by JAX
+        padded = jnp.pad(p, ((0, 0), (2, 0), (0, 0)))
+        return b + sum(w[:, j] * padded[:, j : j + p.shape[1]] for j in range(3))
+
+    _, vjp_plain = jax.vjp(plain, p, w, b)
+    out, vjp_custom = jax.vjp(short_causal_conv, p, w, b)
+    np.testing.assert_allclose(out, plain(p, w, b), rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp_custom(ds), vjp_plain(ds)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _dense_glu(mlp, cfg, x, gelu):
     """The GLU mixer written out with dense matrices, in float64, with a given GELU."""
     W1 = blockdiag_to_dense(np.asarray(mlp.gated_layers.weight[...], np.float64))  # (2I, H)
