@@ -5,7 +5,7 @@
 
 `api` holds the entry point and the per-platform dispatch of ``implementation="auto"``; `base`
 the arguments and the gating shared by the XLA paths; one module per implementation
-(`xla_fft`, `xla_monarch`, `pallas_triton`; `pallas_mosaic_tpu` when it exists).
+(`xla_fft`, `xla_monarch`, `pallas_triton`, `pallas_mosaic_tpu`).
 Importing this package needs jax only; the Pallas modules load when their path runs.
 """
 

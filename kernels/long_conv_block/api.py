@@ -10,7 +10,8 @@
 * ``"xla_monarch"``: the DFT as matmuls, spec section 7 (`xla_monarch`);
 * ``"pallas_triton"``: the fused Triton-Pallas kernel with its custom VJP (`pallas_triton`),
   interpreted off a GPU;
-* ``"pallas_mosaic_tpu"``: the TPU kernel's slot (registered in `_MODULES` once it exists);
+* ``"pallas_mosaic_tpu"``: the fused Mosaic TPU kernel with its custom VJP
+  (`pallas_mosaic_tpu`), interpreted off a TPU;
 * ``"auto"`` (default): a choice per lowering platform through `jax.lax.platform_dependent`, so
   one jitted or exported function carries the right path for each backend: `AUTO_PREFERENCES`
   lists, per platform, the implementations tried in order; the first whose ``supports(L, dtype)``
@@ -35,12 +36,12 @@ from kernels.long_conv_block.base import ConvFilter
 
 Array = jax.Array
 
-# Implementation name -> module. The TPU kernel registers itself here in one line:
-#   "pallas_mosaic_tpu": "kernels.long_conv_block.pallas_mosaic_tpu",
+# Implementation name -> module.
 _MODULES = {
     "xla_fft": "kernels.long_conv_block.xla_fft",
     "xla_monarch": "kernels.long_conv_block.xla_monarch",
     "pallas_triton": "kernels.long_conv_block.pallas_triton",
+    "pallas_mosaic_tpu": "kernels.long_conv_block.pallas_mosaic_tpu",
 }
 # Names users may pass; a slot without a module gives a clear error.
 IMPLEMENTATIONS = ("auto", "xla_fft", "xla_monarch", "pallas_triton", "pallas_mosaic_tpu")

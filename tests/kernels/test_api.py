@@ -26,8 +26,8 @@ def test_auto_choice_per_platform():
     assert auto_choice("cuda", 2048, f32) == "pallas_triton"
     assert auto_choice("cuda", 100, f32) == "xla_fft"          # outside the kernel's range
     assert auto_choice("cpu", 2048, f32) == AUTO_PREFERENCES["cpu"][0]
-    # Until kernels/long_conv_block/pallas_mosaic_tpu.py exists, TPU runs the matmul DFT.
-    assert auto_choice("tpu", 2048, f32) == "xla_monarch"
+    assert auto_choice("tpu", 2048, f32) == "pallas_mosaic_tpu"
+    assert auto_choice("tpu", 640, f32) == "xla_monarch"  # outside the TPU kernel's range
     assert auto_choice("tpu", 1, f32) == "xla_fft"  # L = 1: no Monarch factorisation
     assert auto_choice("rocm", 2048, f32) == AUTO_PREFERENCES["default"][0]
 
@@ -43,8 +43,6 @@ def test_unknown_and_unavailable_implementations_are_clear_errors():
     args = test_base.make_inputs(test_base.Case(1, 2, 16))
     with pytest.raises(ValueError, match=r"unknown implementation 'fft'.*'auto', 'xla_fft'"):
         long_conv_block(*args, implementation="fft")
-    with pytest.raises(ValueError, match=r"'pallas_mosaic_tpu' is not available.*does not exist"):
-        long_conv_block(*args, implementation="pallas_mosaic_tpu")
 
 
 def test_shape_errors_name_the_argument():
