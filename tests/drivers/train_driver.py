@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--kill_after_checkpoint", type=int, default=0,
                         help="SIGKILL this process right after the checkpoint of this step")
+    parser.add_argument("--disk_full_after_checkpoint", type=int, default=0,
+                        help="after the checkpoint of this step, let no file grow past 1 MB "
+                        "(RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)")
     parser.add_argument("--sigterm_at_step", type=int, default=0,
                         help="send SIGTERM to this process while fetching this step's batch")
     args = parser.parse_args()
@@ -126,6 +129,22 @@ def main() -> None:
             return out
 
         checkpointing.Checkpointer.save = save_then_die
+    if args.disk_full_after_checkpoint:
+        import resource
+
+        from m2jax import checkpointing
+
+        save_fn = checkpointing.Checkpointer.save
+
+        def save_then_fill_disk(self, step, *a, **k):
+            out = save_fn(self, step, *a, **k)
+            if step == args.disk_full_after_checkpoint:
+                self.wait()
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+            return out
+
+        checkpointing.Checkpointer.save = save_then_fill_disk
     if args.sigterm_at_step:
         from m2jax import trainer
 
