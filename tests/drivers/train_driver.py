@@ -1,12 +1,14 @@
-"""Runs a tiny pretraining job in its own process, for the trainer's multi-device tests.
+"""Runs a tiny pretraining job in its own process, the way launch/pretrain.py does (same job,
+same console, same exit codes), for the tests of whole runs.
 
   python tests/drivers/train_driver.py --workdir=W --devices=8 --mesh=2,2,2 [--hosts=2]
       [--process_id=I --num_processes=P --port=N] [--set key=value ...]
+      [--kill_after_checkpoint=S | --disk_full_after_checkpoint=S | --sigterm_at_step=S]
 
 --devices sets the number of fake CPU devices (must happen before jax is imported).
 --hosts=K in a single process feeds the concatenation of K simulated hosts' batches, i.e. the
 same global batches that K real processes (each reading its own shard) feed together.
-Prints the run's results.json path on its last line.
+Exits with the launch's exit code.
 """
 
 import argparse
@@ -16,16 +18,15 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 
 def tiny_config(overrides: list[str]):
-    sys.path.insert(0, ROOT)
     from configs import pretrain
 
     c = pretrain.get_config("smoke")
-    o = c.model.overrides
-    o.hidden_size, o.intermediate_size, o.num_hidden_layers, o.hyena_filter_order = 32, 64, 2, 8
-    o.max_position_embeddings = o.long_conv_l_max = 32
+    c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, hyena_filter_order=8,
+                   max_position_embeddings=32, long_conv_l_max=32)
     c.global_batch_size, c.total_steps, c.log_every = 8, 6, 1
     c.eval_every, c.eval_steps = 0, 0
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
@@ -41,26 +42,40 @@ def tiny_config(overrides: list[str]):
     return c
 
 
-class SigtermAt:
-    """Passes batches through; sends SIGTERM to this process when batch `step` is fetched."""
+class _Wrapped:
+    """A batch iterator around grain iterators, checkpointed by grain's orbax handler (which
+    stores a non-grain iterator's `get_state()` bytes)."""
 
-    def __init__(self, inner, step):
-        self._inner, self._step, self._n = inner, step, 0
+    def get_state(self) -> bytes:
+        return json.dumps(self._states()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._set_states(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+class SigtermAt(_Wrapped):
+    """Passes batches through; sends SIGTERM to this process when batch `n` is fetched."""
+
+    def __init__(self, inner, n):
+        self._inner, self._n, self._fetched = inner, n, 0
 
     def __next__(self):
-        self._n += 1
-        if self._n == self._step:
+        self._fetched += 1
+        if self._fetched == self._n:
             os.kill(os.getpid(), signal.SIGTERM)
         return next(self._inner)
 
-    def get_state(self):
+    def _states(self):
         return self._inner.get_state()
 
-    def set_state(self, state):
+    def _set_states(self, state):
         self._inner.set_state(state)
 
 
-class ConcatHosts:
+class ConcatHosts(_Wrapped):
     """One global batch from K host iterators, host 0's rows first (as make_array_from_process_
     local_data lays them out)."""
 
@@ -68,15 +83,40 @@ class ConcatHosts:
         self._its = iterators
 
     def __next__(self):
+        import numpy as np
+
         parts = [next(it) for it in self._its]
-        return {k: __import__("numpy").concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def get_state(self):
-        return {str(i): it.get_state() for i, it in enumerate(self._its)}
+    def _states(self):
+        return [it.get_state() for it in self._its]
 
-    def set_state(self, state):
-        for i, it in enumerate(self._its):
-            it.set_state(state[str(i)])
+    def _set_states(self, states):
+        for it, state in zip(self._its, states):
+            it.set_state(state)
+
+
+def _after_checkpoint(step: int, action) -> None:
+    """Runs `action()` once the checkpoint of `step` is completely written."""
+    from m2jax.train import checkpointing
+
+    save = checkpointing.Checkpointer.save
+
+    def save_then_act(self, s, *a, **k):
+        out = save(self, s, *a, **k)
+        if s == step:
+            self.wait()
+            action()
+        return out
+
+    checkpointing.Checkpointer.save = save_then_act
+
+
+def _fill_disk() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
 
 
 def main() -> None:
@@ -114,68 +154,31 @@ def main() -> None:
     d, f, t = (int(x) for x in args.mesh.split(","))
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = d, f, t
 
-    from m2jax.recipes import run_pretraining
+    import m2jax.data
+    from launch.common import run_and_report
+    from m2jax.train import console, jobs
 
+    console.configure_logging(None)
     if args.kill_after_checkpoint:
-        from m2jax import checkpointing
-
-        save = checkpointing.Checkpointer.save
-
-        def save_then_die(self, step, *a, **k):
-            out = save(self, step, *a, **k)
-            if step == args.kill_after_checkpoint:
-                self.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-
-        checkpointing.Checkpointer.save = save_then_die
+        _after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
     if args.disk_full_after_checkpoint:
-        import resource
-
-        from m2jax import checkpointing
-
-        save_fn = checkpointing.Checkpointer.save
-
-        def save_then_fill_disk(self, step, *a, **k):
-            out = save_fn(self, step, *a, **k)
-            if step == args.disk_full_after_checkpoint:
-                self.wait()
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
-                resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-            return out
-
-        checkpointing.Checkpointer.save = save_then_fill_disk
+        _after_checkpoint(args.disk_full_after_checkpoint, _fill_disk)
     if args.sigterm_at_step:
-        from m2jax import trainer
+        loop = jobs.train_loop
 
-        loop = trainer.train_loop
+        def loop_with_sigterm(model, batches, *rest):
+            return loop(model, SigtermAt(batches, args.sigterm_at_step), *rest)
 
-        def loop_with_sigterm(config, workdir, spec, mesh):
-            spec.train_batches = SigtermAt(spec.train_batches, args.sigterm_at_step)
-            return loop(config, workdir, spec, mesh)
+        jobs.train_loop = loop_with_sigterm
+    if args.hosts > 1:
+        one_host = m2jax.data.pretrain_batches
 
-        import m2jax.recipes
+        def all_hosts(*a, process_index, process_count, **k):
+            return ConcatHosts([one_host(*a, process_index=i, process_count=args.hosts, **k)
+                                for i in range(args.hosts)])
 
-        m2jax.recipes.train_loop = loop_with_sigterm
-
-    if args.hosts == 1:
-        results = run_pretraining(c, args.workdir)
-    else:
-        from m2jax import sharding as shd
-        from m2jax.data import pretrain_batches
-        from m2jax.trainer import RunSpec, build_model, train_loop
-
-        model = build_model(c, "mlm")
-        L = model.config.max_position_embeddings
-        hosts = ConcatHosts([pretrain_batches(
-            c.data.source, "train", max_seq_len=L, global_batch_size=c.global_batch_size,
-            mlm_probability=c.data.mlm_probability, seed=c.seed, shuffle=c.data.shuffle,
-            num_threads=0, process_index=i, process_count=args.hosts) for i in range(args.hosts)])
-        spec = RunSpec("mlm", model, hosts, c.total_steps, c.global_batch_size, L,
-                       lambda step, params: {})
-        results = train_loop(c, args.workdir, spec, shd.make_mesh(dict(c.mesh)))
-    print(json.dumps({"status": results["status"], "step": results["step"]}))
-    print(os.path.join(args.workdir, "results.json"))
+        m2jax.data.pretrain_batches = all_hosts
+    sys.exit(run_and_report(jobs.run_pretraining, c, args.workdir))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 `train_step(state, batch) -> (state, metrics)` is what the loop jits once with explicit
 shardings. Gradient accumulation scans over microbatches, summing per-token (MLM) or per-example
-(classification) losses and their counts, so the result equals one step on the whole batch.
+(classification) losses and their counts, so the result equals one step on the whole batch. A
+step whose loss or gradient is not finite is not applied: the state comes back unchanged and
+`metrics["finite"]` is False, which the loop turns into an error before anything is saved.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -18,6 +21,9 @@ from flax import nnx
 from m2jax.losses import mlm_loss
 
 Batch = dict[str, jax.Array]
+# What a batch holds; `example_mask` (1 real row, 0 padding) only classification batches need.
+BATCH_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "example_mask")
+TASKS = ("mlm", "classification")
 
 
 @flax.struct.dataclass
@@ -45,12 +51,14 @@ def _loss_sum(task: str, logits: jax.Array, batch: Batch) -> tuple:
         return mean * count, count, correct.astype(jnp.float32)
     valid = batch.get("example_mask", jnp.ones(labels.shape, jnp.int32)).astype(jnp.float32)
     if logits.shape[-1] == 1:  # regression (STS-B)
-        per_item = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
+        per_item = (logits[:, 0].astype(jnp.float32) - labels.astype(jnp.float32)) ** 2
         correct = jnp.zeros((), jnp.float32)
     else:
         valid = valid * (labels >= 0)
         safe = jnp.where(labels >= 0, labels, 0).astype(jnp.int32)
-        per_item = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+        per_item = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), safe
+        )
         correct = ((jnp.argmax(logits, -1) == safe) * valid).sum()
     return (per_item * valid).sum(), valid.sum(), correct
 
@@ -63,6 +71,8 @@ def make_train_step(
     accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple]:
     """The pure step for `task` ("mlm" or "classification") with `accum_steps` microbatches."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
     def micro_grads(params, micro: Batch, rng):
         def f(p):
@@ -100,24 +110,52 @@ def make_train_step(
             )
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss, grad_norm = total / denom, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        stepped = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        # A NaN or infinite loss or gradient would poison every parameter through Adam's
+        # moments: keep the state as it was (the loop stops the run and saves nothing).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), stepped, state
+        )
         metrics = {
-            "loss": total / denom,
+            "loss": loss,
             "count": count,
             "accuracy": correct / denom,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, consts: nnx.State, task: str) -> Callable:
-    """`eval_step(params, batch)`: MLM -> loss sum, count, correct; classification -> also the
-    logits, for the task metrics computed on the host."""
+def jit_train_step(
+    graphdef: nnx.GraphDef,
+    consts: nnx.State,
+    tx: optax.GradientTransformation,
+    task: str,
+    accum_steps: int,
+    state_shardings: TrainState,
+    batch_sharding: jax.sharding.Sharding,
+    replicated: jax.sharding.Sharding,
+) -> Callable[[TrainState, Batch], tuple]:
+    """`make_train_step` jitted once with explicit shardings, the state donated."""
+    return jax.jit(
+        make_train_step(graphdef, consts, tx, task, accum_steps),
+        in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
 
-    def eval_step(params, batch: Batch) -> dict[str, jax.Array]:
+
+def make_eval_step(graphdef: nnx.GraphDef, task: str) -> Callable:
+    """`eval_step(params, consts, batch)`: MLM -> loss sum, count, correct; classification ->
+    also the logits, for the task metrics computed on the host."""
+
+    def eval_step(params, consts, batch: Batch) -> dict[str, jax.Array]:
         logits = _forward(nnx.merge(graphdef, params, consts), batch, None)
         total, count, correct = _loss_sum(task, logits, batch)
         out = {"loss_sum": total, "count": count, "correct": correct}
@@ -126,3 +164,10 @@ def make_eval_step(graphdef: nnx.GraphDef, consts: nnx.State, task: str) -> Call
         return out
 
     return eval_step
+
+
+@functools.cache
+def jit_eval_step(graphdef: nnx.GraphDef, task: str) -> Callable:
+    """`make_eval_step` jitted, one per (model structure, task): the loop's check of a state
+    before saving it and the evaluators share the compiled forward pass."""
+    return jax.jit(make_eval_step(graphdef, task))
