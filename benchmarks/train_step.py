@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--model m2-bert-base-80m] [--batch 8] [--seq 128]
         [--dtype float32] [--repeats 5] [--out out/train_step.json]
 
-Runs the trainer's own jitted step (m2jax.train_step) on random token batches, `--repeats`
+Runs the trainer's own jitted step (m2jax.train.step) on random token batches, `--repeats`
 timed steps after two warm-up steps, and reports the median tokens/s. Peak memory is the
 device's `peak_bytes_in_use` where the backend reports it (GPU/TPU), else the process's peak
 resident set size (CPU). Prints a table and writes JSON.
@@ -26,7 +26,7 @@ from flax import nnx
 
 import m2jax
 from m2jax.optim import OptimizerConfig, make_optimizer
-from m2jax.train_step import TrainState, make_train_step
+from m2jax.train.step import TrainState, make_train_step
 
 
 def peak_memory_bytes() -> tuple[int, str]:
