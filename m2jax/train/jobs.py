@@ -286,6 +286,9 @@ def summary(results: Mapping[str, Any]) -> str:
         if "glue_average" in results:
             line += f"; GLUE average {results['glue_average']:.4f}"
         return line
+    if results["status"] == "preempted":
+        return (f"preempted at step {results['step']}/{results['total_steps']} (saved); re-run "
+                "the same command to resume")
     final = results.get("final_eval") or {}
     line = f"done: {results['status']} at step {results['step']}/{results['total_steps']}"
     return line + (f"; eval {format_metrics(final)}" if final else "")

@@ -173,6 +173,7 @@ def train_loop(
                     scalars.update(progress.update(step, scalars["loss"], lr))
                     writer.write(step, scalars)
                     record.log_train(step, scalars)
+                    record.save("running", step)  # a killed run keeps its history up to here
                 if evaluator is not None and (last or (s.eval_every and step % s.eval_every == 0)):
                     t0 = time.perf_counter()
                     scores = evaluator.evaluate(state.params)
@@ -193,7 +194,6 @@ def train_loop(
                     ckpt.check_for_errors()
                 if preempted and not last:
                     status = "preempted"
-                    say(f"preempted: saved step {step}; re-run the same command to resume")
                     break
         ckpt.wait()
         record.save(status, step)

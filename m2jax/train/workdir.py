@@ -70,7 +70,7 @@ def write_json(path: epath.Path, data: Any) -> bool:
     only; leaves the file alone when it already holds exactly this. Returns whether it wrote."""
     if jax.process_index() != 0:
         return False
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(data, indent=2) + "\n"
     if path.exists() and path.read_text() == text:
         return False
     tmp = path.parent / f".{path.name}.tmp"

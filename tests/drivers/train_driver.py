@@ -142,11 +142,6 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    if os.environ.get("M2JAX_TEST_COMPILE_CACHE"):
-        # The runs of one test session compile the same programs: share them on disk.
-        jax.config.update("jax_compilation_cache_dir", os.environ["M2JAX_TEST_COMPILE_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if args.num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
