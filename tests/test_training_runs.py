@@ -114,3 +114,43 @@ def test_kill_9_sigterm_and_corrupt_checkpoint_all_resume_exactly(single_device_
     again, _ = _losses(tmp_path)
     _assert_close(again, uninterrupted, range(1, 7), rtol=1e-6)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5", "6", "6.unreadable-0"]
+
+
+def test_a_work_directory_on_cloud_storage_trains_resumes_exports_and_initialises(
+        single_device_run, tmp_path, subprocess_env):
+    """gs:// through a fake GCS (tests/fake_gcs.py: epath and tensorstore's GCS driver reach the
+    same objects, which are files under `bucket/`). Every file the run writes lands in the
+    bucket: nothing on the local file system, so no path went around epath."""
+    _, uninterrupted = single_device_run
+    root, cwd = tmp_path / "gcs", tmp_path / "cwd"
+    cwd.mkdir()
+
+    def run(workdir, *args, expect_rc=0):
+        proc = subprocess.run([sys.executable, DRIVER, f"--workdir={workdir}",
+                               f"--fake_gcs={root}", "--set", "export_final=true", *args],
+                              capture_output=True, text=True, env=subprocess_env, cwd=cwd,
+                              timeout=600)
+        assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    run("gs://bucket/run", "--sigterm_at_step=3", expect_rc=75)
+    proc = run("gs://bucket/run")
+    assert "resumed from step 3 (gs://bucket/run/checkpoints/3)" in proc.stdout
+    bucket = root / "bucket" / "run"
+    assert sorted(os.listdir(bucket)) == ["checkpoints", "config.json", "final", "metrics.jsonl",
+                                          "results.json"]
+    assert sorted(os.listdir(bucket / "checkpoints")) == ["3", "4", "6"]
+    losses, results = _losses(bucket)
+    assert [a["status"] for a in results["attempts"]] == ["preempted", "completed"]
+    _assert_close(losses, uninterrupted, range(1, 7), rtol=1e-6)
+    assert [json.loads(x)["step"] for x in open(bucket / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(bucket) for p in fs}
+    assert "finished before" in run("gs://bucket/run").stdout
+    assert {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(bucket)
+            for p in fs} == before
+    # Another run starts from the export on cloud storage: not a random start.
+    run("gs://bucket/tuned", "--set", 'init_from="gs://bucket/run/final"', "--set",
+        "total_steps=1")
+    tuned, _ = _losses(root / "bucket" / "tuned")
+    assert tuned[1] != uninterrupted[1]
+    assert os.listdir(cwd) == []

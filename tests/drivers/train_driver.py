@@ -4,6 +4,7 @@ same console, same exit codes), for the tests of whole runs.
   python tests/drivers/train_driver.py --workdir=W --devices=8 --mesh=2,2,2 [--hosts=2]
       [--process_id=I --num_processes=P --port=N] [--set key=value ...]
       [--kill_after_checkpoint=S | --disk_full_after_checkpoint=S | --sigterm_at_step=S]
+      [--fake_gcs=ROOT --workdir=gs://bucket/run]
 
 --devices sets the number of fake CPU devices (must happen before jax is imported).
 --hosts=K in a single process feeds the concatenation of K simulated hosts' batches, i.e. the
@@ -136,7 +137,17 @@ def main() -> None:
                         "(RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)")
     parser.add_argument("--sigterm_at_step", type=int, default=0,
                         help="send SIGTERM to this process while fetching this step's batch")
+    parser.add_argument("--fake_gcs", default="",
+                        help="serve gs:// from files under this folder (tests/fake_gcs.py); "
+                        "TensorBoard events then go to metrics.jsonl (TensorFlow's own GCS "
+                        "client cannot be pointed at the fake)")
     args = parser.parse_args()
+    if args.fake_gcs:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import fake_gcs
+
+        fake_gcs.install(args.fake_gcs)
+        sys.modules["clu"] = None  # an ImportError: m2jax writes metrics.jsonl through epath
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
