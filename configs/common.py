@@ -62,8 +62,14 @@ MODELS = {
 }
 
 # The smoke recipes' model: 2 layers of width 128 at length 64, minutes on a CPU.
-SMOKE_MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-               "hyena_filter_order": 32, "max_position_embeddings": 64, "long_conv_l_max": 64}
+SMOKE_MODEL = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "hyena_filter_order": 32,
+    "max_position_embeddings": 64,
+    "long_conv_l_max": 64,
+}
 
 # XLA:CPU's FFT rejects the operand layouts that fsdp / tensor partitioning produces (RET_CHECK
 # in fft_thunk.cc), so on a CPU mesh with fsdp or tensor > 1 the model uses this implementation
@@ -103,8 +109,10 @@ def mesh() -> ml_collections.ConfigDict:
 
 
 def checkpoint(every: int, keep: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "every": every,  # steps between saves (also at the end and when preempted)
-        "keep": keep,  # newest checkpoints kept
-        "async_save": True,  # write in the background while training continues
-    })
+    return ml_collections.ConfigDict(
+        {
+            "every": every,  # steps between saves (also at the end and when preempted)
+            "keep": keep,  # newest checkpoints kept
+            "async_save": True,  # write in the background while training continues
+        }
+    )

@@ -19,18 +19,30 @@ from ml_collections import config_dict, config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKDIR = flags.DEFINE_string(
-    "workdir", None, "work directory (local or gs://): checkpoints, TensorBoard events, "
+    "workdir",
+    None,
+    "work directory (local or gs://): checkpoints, TensorBoard events, "
     "results.json, final/ (the trained model). Re-running with the same one resumes the run, or "
-    "reports its results when it finished")
+    "reports its results when it finished",
+)
 PRINT_CONFIG = flags.DEFINE_bool(
-    "print_config", False, "print the resolved config (the recipe with every override applied) "
-    "and exit without running")
+    "print_config",
+    False,
+    "print the resolved config (the recipe with every override applied) "
+    "and exit without running",
+)
 RESTART = flags.DEFINE_bool(
-    "restart", False, "when no checkpoint in --workdir can be read, set them aside "
-    "(<step>.unreadable-<n>) and train again from step 0; without it that is an error")
+    "restart",
+    False,
+    "when no checkpoint in --workdir can be read, set them aside "
+    "(<step>.unreadable-<n>) and train again from step 0; without it that is an error",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (multi-process runs, with "
-    "--num_processes and --process_id; not needed on TPU VMs, SLURM or Open MPI)")
+    "coordinator_address",
+    None,
+    "host:port of process 0 (multi-process runs, with "
+    "--num_processes and --process_id; not needed on TPU VMs, SLURM or Open MPI)",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
@@ -53,9 +65,11 @@ def _check_distributed_flags(values: dict) -> bool:
 
 
 def config_help(kind: str, config_file: str, variants: tuple[str, ...]) -> str:
-    return (f"{kind} recipe, `configs/{config_file}:<variant>`; variants: {', '.join(variants)}. "
-            "Override any field with --config.<field>=<value> (e.g. --config.total_steps=1000, "
-            "--config.model.hidden_size=512); --print_config shows every field")
+    return (
+        f"{kind} recipe, `configs/{config_file}:<variant>`; variants: {', '.join(variants)}. "
+        "Override any field with --config.<field>=<value> (e.g. --config.total_steps=1000, "
+        "--config.model.hidden_size=512); --print_config shows every field"
+    )
 
 
 def run_job(job: Callable[..., dict], config: Any) -> None:
@@ -72,12 +86,21 @@ def run_job(job: Callable[..., dict], config: Any) -> None:
     from m2jax.train.distributed import init_distributed
 
     init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    sys.exit(run_and_report(job, config, WORKDIR.value, restart=RESTART.value,
-                            traceback=verbosity is not None))
+    sys.exit(
+        run_and_report(
+            job, config, WORKDIR.value, restart=RESTART.value, traceback=verbosity is not None
+        )
+    )
 
 
-def run_and_report(job: Callable[..., dict], config: Any, workdir: str, *, restart: bool = False,
-                   traceback: bool = False) -> int:
+def run_and_report(
+    job: Callable[..., dict],
+    config: Any,
+    workdir: str,
+    *,
+    restart: bool = False,
+    traceback: bool = False,
+) -> int:
     """Runs the job; prints its summary line, or `error: <message>` (stderr) for a run that
     stopped on purpose. Returns the exit code (the module docstring's table)."""
     from m2jax.train.console import say
@@ -119,9 +142,8 @@ def unknown_override(argv: list[str], flag: str = "config") -> str | None:
                 fields = sorted(node.keys())
                 close = difflib.get_close_matches(part, fields, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                return (
-                    f"--{name}: {where} has no field {part!r}{hint}; its fields: "
-                    + ", ".join(fields)
+                return f"--{name}: {where} has no field {part!r}{hint}; its fields: " + ", ".join(
+                    fields
                 )
             node, where = node[part], f"{where}.{part}"
     return None

@@ -40,11 +40,15 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "documents shown per query")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "texts per forward call")
 _NORMALIZE = flags.DEFINE_bool("normalize", False, "L2-normalise the saved embeddings")
 _PADDING = flags.DEFINE_enum(
-    "padding", "max_length", ["max_length", "bucket"],
+    "padding",
+    "max_length",
+    ["max_length", "bucket"],
     "max_length: as the reference (full length); bucket: faster on short texts, not identical",
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --output (and its rows file)")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "replace an existing --output (and its rows file)"
+)
 
 
 def open_corpus(spec: str, text_field: str, split: str):
@@ -101,8 +105,11 @@ def check_arguments() -> None:
     """Every argument, before anything is read or computed (UsageError naming the flag)."""
     if not _OUTPUT.value and not _QUERIES.value:
         raise app.UsageError("give --output (save the embeddings) and/or --query (search)")
-    for flag, value in (("--top_k", _TOP_K.value), ("--batch_size", _BATCH.value),
-                        ("--max_docs", _MAX_DOCS.value)):
+    for flag, value in (
+        ("--top_k", _TOP_K.value),
+        ("--batch_size", _BATCH.value),
+        ("--max_docs", _MAX_DOCS.value),
+    ):
         if value is not None and value < 1:
             raise app.UsageError(f"{flag} must be >= 1, got {value}")
     if _OUTPUT.value:
@@ -143,7 +150,9 @@ def main(argv: list[str]) -> None:
         save_atomically(rows_path(_OUTPUT.value), lambda f: f.write(rows.encode()))
         print(f"wrote {_OUTPUT.value} and {rows_path(_OUTPUT.value)}")
     if _QUERIES.value:
-        scores_QxK, rows_QxK = cosine_top_k(embedder.embed(_QUERIES.value), corpus_NxH, _TOP_K.value)
+        scores_QxK, rows_QxK = cosine_top_k(
+            embedder.embed(_QUERIES.value), corpus_NxH, _TOP_K.value
+        )
         for query, scores, rows in zip(_QUERIES.value, scores_QxK, rows_QxK):
             print(f"\nquery: {query}")
             for rank, (score, row) in enumerate(zip(scores, rows), start=1):

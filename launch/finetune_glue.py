@@ -27,7 +27,8 @@ from launch import common  # noqa: E402
 
 flags.adopt_module_key_flags(common)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, common.config_help("GLUE", "glue.py", recipes.VARIANTS), lock_config=True)
+    "config", None, common.config_help("GLUE", "glue.py", recipes.VARIANTS), lock_config=True
+)
 
 
 def main(argv: list[str]) -> None:

@@ -60,7 +60,7 @@ def _changed_value(kind, value):
         return value + 3
     if kind is float:
         return 0.375 if value != 0.375 else 0.25
-    return "monarch" if value != "monarch" else "direct"
+    return value + "_changed"
 
 
 def _flag_text(value):

@@ -24,7 +24,7 @@ from train_fixtures import (  # noqa: F401
 )
 
 from m2jax.train.errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError
-from m2jax.train.errors import NonFiniteError
+from m2jax.train.errors import NonFiniteError, WorkdirError
 from m2jax.train.jobs import run_glue, run_pretraining
 
 DRIVER = os.path.join(ROOT, "tests", "drivers", "train_driver.py")
@@ -236,6 +236,12 @@ def test_08_a_full_disk_stops_the_run_at_once_with_one_message_and_keeps_the_che
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]  # partial one gone
 
 
+def test_08_an_unwritable_work_directory_stops_before_anything_is_built(tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(WorkdirError, match=r"cannot write the work directory .*a_file/run"):
+        run_pretraining(pretrain_config(), tmp_path / "a_file" / "run")
+
+
 # 11 -----------------------------------------------------------------------------------------
 def _launch(env, script, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
@@ -252,8 +258,11 @@ def test_11_help_lists_the_recipes_and_print_config_shows_the_resolved_config(su
                    "--print_config", "--config.max_steps=7", "--config.model.hidden_dropout_prob=0.2",
                    f"--workdir={tmp_path / 'unused'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    from configs import common
+
     for line in ("max_steps: 7", "  hidden_dropout_prob: 0.2", "  hidden_size: 128",
-                 "  long_conv_implementation: fft", "long_conv_on_sharded_cpu: monarch",
+                 f"  long_conv_implementation: {common.BASE_MODEL['long_conv_implementation']}",
+                 f"long_conv_on_sharded_cpu: {common.LONG_CONV_ON_SHARDED_CPU}",
                  "export_final: true", "  wnpos:"):
         assert line in proc.stdout, (line, proc.stdout)
     assert not (tmp_path / "unused").exists()

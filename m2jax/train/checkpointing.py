@@ -156,7 +156,8 @@ class Checkpointer:
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(batches)
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(batches),
                 ),
                 force=True,
             )
@@ -175,8 +176,11 @@ class Checkpointer:
         return WorkdirError(
             f"cannot write the checkpoint of step {step} to {self._directory} "
             f"({type(error).__name__}: {_first_line(error)}); "
-            + (f"the checkpoint of step {kept} is kept and resumes the run" if kept is not None
-               else "no checkpoint was saved before")
+            + (
+                f"the checkpoint of step {kept} is kept and resumes the run"
+                if kept is not None
+                else "no checkpoint was saved before"
+            )
             + ": free space or fix the permissions, then re-run the same command"
         )
 
@@ -323,8 +327,9 @@ class Checkpointer:
                 )
                 return step, restored.state["params"]
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                logging.warning("checkpoint at step %d could not be read (%s)", step,
-                                _first_line(e))
+                logging.warning(
+                    "checkpoint at step %d could not be read (%s)", step, _first_line(e)
+                )
         return None
 
 

@@ -49,7 +49,9 @@ def configure_logging(verbosity: int | None) -> None:
     else:
         absl_logging.set_verbosity(verbosity)
     # Python loggers (jax, grain) follow the root logger, which absl's verbosity does not set.
-    root = logging.WARNING if verbosity is None else logging.DEBUG if verbosity > 0 else logging.INFO
+    root = (
+        logging.WARNING if verbosity is None else logging.DEBUG if verbosity > 0 else logging.INFO
+    )
     logging.getLogger().setLevel(root)
 
 

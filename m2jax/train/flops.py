@@ -106,7 +106,5 @@ def _flop_counted_params(model: nnx.Module) -> tuple[int, int, int]:
     filter_inputs = sum(f.z.size + f.freq.size for f in filter_sets)
     heads = [bert.pooler, getattr(model, "classifier", None)]
     per_sequence = sum(count_params(h) for h in heads if h is not None)
-    per_token = (
-        count_params(model) - lookups + decoder - filter_mlps - filter_inputs - per_sequence
-    )
+    per_token = count_params(model) - lookups + decoder - filter_mlps - filter_inputs - per_sequence
     return per_token, per_sequence, filter_mlps

@@ -96,8 +96,9 @@ def _from_workdir(path: epath.Path, cfg: M2BertConfig) -> nnx.Module:
     finally:
         ckpt.close()
     if found is None:
-        raise ConfigError(f"config.init_from: {path} is a work directory without a readable "
-                          "checkpoint")
+        raise ConfigError(
+            f"config.init_from: {path} is a work directory without a readable " "checkpoint"
+        )
     step, raw = found
     pure = _pure_dict(raw)
     if "cls" in pure:
@@ -109,8 +110,9 @@ def _from_workdir(path: epath.Path, cfg: M2BertConfig) -> nnx.Module:
     try:
         nnx.replace_by_pure_dict(params, pure)
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"config.init_from: the checkpoint in {path} does not fit the "
-                          f"configured model: {e}") from None
+        raise ConfigError(
+            f"config.init_from: the checkpoint in {path} does not fit the " f"configured model: {e}"
+        ) from None
     nnx.update(source, params)
     logging.info("initialising from %s, step %d", path, step)
     return source

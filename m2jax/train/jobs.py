@@ -51,8 +51,9 @@ def optimizer_config(
 ) -> OptimizerConfig:
     """The OptimizerConfig of `fields` for a run of `total_steps`, checked by building it for
     the parameters of model config `cfg` (abstractly: nothing is allocated or compiled)."""
-    opt = OptimizerConfig(**{k: v for k, v in fields.items() if k in _OPTIMIZER_FIELDS},
-                          total_steps=total_steps)
+    opt = OptimizerConfig(
+        **{k: v for k, v in fields.items() if k in _OPTIMIZER_FIELDS}, total_steps=total_steps
+    )
     try:
         make_optimizer(opt, nnx.state(abstract_model(M2BertForMaskedLM, cfg), nnx.Param))
     except ValueError as e:
@@ -106,8 +107,10 @@ def _loop_settings(config: Any, directory: epath.Path, restart: bool, **kwargs) 
 def _already_finished(directory: epath.Path, stored: dict, export_final: bool) -> bool:
     if export_final and not (directory / wd.FINAL).exists():
         return False  # the export is redone from the last checkpoint (no training step runs)
-    say(f"{directory} finished before (step {stored['step']}/{stored['total_steps']}); "
-        "its stored results stand, nothing was changed")
+    say(
+        f"{directory} finished before (step {stored['step']}/{stored['total_steps']}); "
+        "its stored results stand, nothing was changed"
+    )
     return True
 
 
@@ -128,18 +131,34 @@ def run_pretraining(config: Any, workdir: str | epath.Path, *, restart: bool = F
         return stored
     mesh = _mesh(config)
     cfg = model_config(config.model, mesh, config.long_conv_on_sharded_cpu)
-    validate.check_batch_fits("global_batch_size", config.global_batch_size, mesh,
-                              jax.process_count())
+    validate.check_batch_fits(
+        "global_batch_size", config.global_batch_size, mesh, jax.process_count()
+    )
     optimizer = optimizer_config(config.optimizer, config.total_steps, cfg)
+    wd.ensure_writable(directory)  # before anything is built: a full disk stops here
     d = config.data
-    common = dict(max_seq_len=cfg.max_position_embeddings,
-                  global_batch_size=config.global_batch_size, packing=d.packing,
-                  data_dir=d.data_dir or None, text_field=d.text_field,
-                  num_threads=d.num_threads, process_index=jax.process_index(),
-                  process_count=jax.process_count())
-    train = _data(f"config.data.source {d.source!r}", lambda: pretrain_batches(
-        d.source, d.train_split, mlm_probability=d.mlm_probability, seed=config.seed,
-        shuffle=d.shuffle, prefetch_batches=d.prefetch_batches, **common))
+    common = dict(
+        max_seq_len=cfg.max_position_embeddings,
+        global_batch_size=config.global_batch_size,
+        packing=d.packing,
+        data_dir=d.data_dir or None,
+        text_field=d.text_field,
+        num_threads=d.num_threads,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train = _data(
+        f"config.data.source {d.source!r}",
+        lambda: pretrain_batches(
+            d.source,
+            d.train_split,
+            mlm_probability=d.mlm_probability,
+            seed=config.seed,
+            shuffle=d.shuffle,
+            prefetch_batches=d.prefetch_batches,
+            **common,
+        ),
+    )
     model = build_model(cfg, "mlm", config.seed, config.init_from)
     evaluator = None
     if config.eval_steps:
@@ -147,20 +166,33 @@ def run_pretraining(config: Any, workdir: str | epath.Path, *, restart: bool = F
         # 'files:' sources are their own split; the others hold `eval_split`.
         split = None if source.startswith("files:") else d.eval_split
         make_eval_batches = functools.partial(
-            pretrain_batches, source, split, mlm_probability=d.eval_mlm_probability,
-            seed=config.seed + 1, shuffle=False, **common)
+            pretrain_batches,
+            source,
+            split,
+            mlm_probability=d.eval_mlm_probability,
+            seed=config.seed + 1,
+            shuffle=False,
+            **common,
+        )
         _data(f"config.data.eval_source {source!r}", make_eval_batches)  # fails here, not later
         evaluator = MlmEvaluator(model, make_eval_batches, config.eval_steps, mesh)
-    say(f"pretraining {config.get('variant', '')}: {cfg.num_hidden_layers} layers x "
+    say(
+        f"pretraining {config.get('variant', '')}: {cfg.num_hidden_layers} layers x "
         f"{cfg.hidden_size}, L {cfg.max_position_embeddings}, {config.total_steps} steps of "
         f"{config.global_batch_size} rows on {jax.device_count()} device(s) "
-        f"{dict(mesh.shape)}; work directory {directory}")
-    wd.ensure_writable(directory)
+        f"{dict(mesh.shape)}; work directory {directory}"
+    )
     _record_config(directory, config)
     settings = _loop_settings(
-        config, directory, restart, task="mlm", total_steps=config.total_steps,
-        global_batch_size=config.global_batch_size, seed=config.seed,
-        record={"variant": config.get("variant", "")})
+        config,
+        directory,
+        restart,
+        task="mlm",
+        total_steps=config.total_steps,
+        global_batch_size=config.global_batch_size,
+        seed=config.seed,
+        record={"variant": config.get("variant", "")},
+    )
     results, trained = train_loop(model, train, optimizer, evaluator, settings, mesh)
     if results["status"] == "completed" and config.export_final:
         wd.export_model(trained, directory / wd.FINAL)
@@ -176,18 +208,29 @@ def _glue_split(config: Any, task: str, split: str, max_seq_len: int, labelled: 
     labels are needed."""
     from m2jax.data import get_task, glue_dataset
 
-    data = _data(f"GLUE {task} {split} (config.data.source {config.data.source!r})",
-                 lambda: glue_dataset(task, split, config.data.source, max_seq_len=max_seq_len,
-                                      data_dir=config.data.data_dir or None))
+    data = _data(
+        f"GLUE {task} {split} (config.data.source {config.data.source!r})",
+        lambda: glue_dataset(
+            task,
+            split,
+            config.data.source,
+            max_seq_len=max_seq_len,
+            data_dir=config.data.data_dir or None,
+        ),
+    )
     where = data.skip_log.name
     if not len(data):
-        raise DataError(f"{where}: no examples (GLUE {task} {split}); nothing to "
-                        f"{'train' if split == 'train' else 'evaluate'} on")
+        raise DataError(
+            f"{where}: no examples (GLUE {task} {split}); nothing to "
+            f"{'train' if split == 'train' else 'evaluate'} on"
+        )
     if labelled:
         bad = ~np.isfinite(data.labels) if get_task(task).is_regression else data.labels < 0
         if bad.any():
-            raise DataError(f"{where}: {int(bad.sum())} of {len(data)} rows have no label "
-                            f"(-1 or not finite): is it a test split? (GLUE {task} {split})")
+            raise DataError(
+                f"{where}: {int(bad.sum())} of {len(data)} rows have no label "
+                f"(-1 or not finite): is it a test split? (GLUE {task} {split})"
+            )
     return data
 
 
@@ -195,12 +238,26 @@ def _glue_run_fields(config: Any, task: str, seed: int, init_from: str) -> dict[
     """What identifies a (task, seed) run in its results.json: a stored run with other values
     is not the same run and is not skipped."""
     t = config.tasks[task]
-    return {"glue_task": task, "seed": seed, "init_from": init_from, "epochs": t.epochs,
-            "batch_size": t.batch_size, "max_steps": config.max_steps}
+    return {
+        "glue_task": task,
+        "seed": seed,
+        "init_from": init_from,
+        "epochs": t.epochs,
+        "batch_size": t.batch_size,
+        "max_steps": config.max_steps,
+    }
 
 
-def run_glue_task(config: Any, directory: epath.Path, task: str, seed: int, init_from: str,
-                  mesh: jax.sharding.Mesh, *, restart: bool = False) -> dict:
+def run_glue_task(
+    config: Any,
+    directory: epath.Path,
+    task: str,
+    seed: int,
+    init_from: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    restart: bool = False,
+) -> dict:
     """Fine-tunes on one GLUE task with one seed in `directory`, evaluates its dev split(s) after
     training (the reference evaluates after the final epoch), exports `directory/final`."""
     from m2jax.data import get_task
@@ -208,12 +265,19 @@ def run_glue_task(config: Any, directory: epath.Path, task: str, seed: int, init
     spec, t = get_task(task), config.tasks[task]
     fields = _glue_run_fields(config, task, seed, init_from)
     stored = wd.read_json(directory / wd.RESULTS)
-    if (stored and stored.get("status") == "completed" and stored.get("final_eval")
-            and all(stored.get(k) == v for k, v in fields.items())
-            and _already_finished(directory, stored, config.export_final)):
+    if (
+        stored
+        and stored.get("status") == "completed"
+        and stored.get("final_eval")
+        and all(stored.get(k) == v for k, v in fields.items())
+        and _already_finished(directory, stored, config.export_final)
+    ):
         return stored
-    cfg = model_config({**config.model, "num_labels": spec.num_labels, "pool_all": t.pool_all},
-                       mesh, config.long_conv_on_sharded_cpu)
+    cfg = model_config(
+        {**config.model, "num_labels": spec.num_labels, "pool_all": t.pool_all},
+        mesh,
+        config.long_conv_on_sharded_cpu,
+    )
     pidx, pcount = jax.process_index(), jax.process_count()
     validate.check_batch_fits(f"tasks.{task}.batch_size", t.batch_size, mesh, pcount)
     validate.check_batch_fits("eval_batch_size", config.eval_batch_size, mesh, pcount)
@@ -224,20 +288,39 @@ def run_glue_task(config: Any, directory: epath.Path, task: str, seed: int, init
     total_steps = t.epochs * steps_per_epoch
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = optimizer_config({**config.optimizer, **t.optimizer}, total_steps, cfg,
-                                 where=f"config.tasks.{task}.optimizer")
+    optimizer = optimizer_config(
+        {**config.optimizer, **t.optimizer},
+        total_steps,
+        cfg,
+        where=f"config.tasks.{task}.optimizer",
+    )
     model = build_model(cfg, "classification", seed, init_from)
     evaluator = GlueEvaluator(model, task, eval_sets, config.eval_batch_size, mesh, pidx, pcount)
-    batches = train.batches(t.batch_size, shuffle=config.data.shuffle, seed=seed,
-                            num_epochs=None, pad_remainder=True, process_index=pidx,
-                            process_count=pcount)
-    say(f"GLUE {task} seed {seed}: {len(train)} examples, {total_steps} steps of "
+    batches = train.batches(
+        t.batch_size,
+        shuffle=config.data.shuffle,
+        seed=seed,
+        num_epochs=None,
+        pad_remainder=True,
+        process_index=pidx,
+        process_count=pcount,
+    )
+    say(
+        f"GLUE {task} seed {seed}: {len(train)} examples, {total_steps} steps of "
         f"{t.batch_size} ({t.epochs} epochs of {steps_per_epoch}"
         + (", capped by max_steps" if total_steps < t.epochs * steps_per_epoch else "")
-        + f"), from {init_from}")
-    settings = _loop_settings(config, directory, restart, task="classification",
-                              total_steps=total_steps, global_batch_size=t.batch_size,
-                              seed=seed, record=fields)
+        + f"), from {init_from}"
+    )
+    settings = _loop_settings(
+        config,
+        directory,
+        restart,
+        task="classification",
+        total_steps=total_steps,
+        global_batch_size=t.batch_size,
+        seed=seed,
+        record=fields,
+    )
     results, trained = train_loop(model, batches, optimizer, evaluator, settings, mesh)
     if results["status"] == "completed" and config.export_final:
         wd.export_model(trained, directory / wd.FINAL)
@@ -255,17 +338,22 @@ def run_glue(config: Any, workdir: str | epath.Path, *, restart: bool = False) -
     directory = wd.as_path(workdir)
     validate.check_glue_config(config)
     mesh = _mesh(config)
+    wd.ensure_writable(directory)
     scores: dict[str, float] = {}
     per_seed: dict[str, list[float]] = {}
     for task in config.task_order:
         t = config.tasks[task]
         parent = t.start_from_task
-        init = (os.fspath(directory / parent / f"seed_{config.tasks[parent].seeds[0]}" / wd.FINAL)
-                if parent else config.init_from)
+        init = (
+            os.fspath(directory / parent / f"seed_{config.tasks[parent].seeds[0]}" / wd.FINAL)
+            if parent
+            else config.init_from
+        )
         per_seed[task] = []
         for seed in t.seeds:
-            run = run_glue_task(config, directory / task / f"seed_{seed}", task, seed, init, mesh,
-                                restart=restart)
+            run = run_glue_task(
+                config, directory / task / f"seed_{seed}", task, seed, init, mesh, restart=restart
+            )
             if run["status"] != "completed":
                 return run
             per_seed[task].append(run["final_eval"]["score"])
@@ -287,8 +375,10 @@ def summary(results: Mapping[str, Any]) -> str:
             line += f"; GLUE average {results['glue_average']:.4f}"
         return line
     if results["status"] == "preempted":
-        return (f"preempted at step {results['step']}/{results['total_steps']} (saved); re-run "
-                "the same command to resume")
+        return (
+            f"preempted at step {results['step']}/{results['total_steps']} (saved); re-run "
+            "the same command to resume"
+        )
     final = results.get("final_eval") or {}
     line = f"done: {results['status']} at step {results['step']}/{results['total_steps']}"
     return line + (f"; eval {format_metrics(final)}" if final else "")

@@ -136,15 +136,26 @@ def train_loop(
     graphdef, params, consts = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(optimizer, params)
     state, shardings, consts = create_train_state(params, consts, tx, mesh, s.axis_rules, s.seed)
-    train_step = jit_train_step(graphdef, consts, tx, s.task, s.accum_steps, shardings,
-                                shd.batch_sharding(mesh), shd.replicated(mesh))
+    train_step = jit_train_step(
+        graphdef,
+        consts,
+        tx,
+        s.task,
+        s.accum_steps,
+        shardings,
+        shd.batch_sharding(mesh),
+        shd.replicated(mesh),
+    )
     check_step = jit_eval_step(graphdef, s.task)
     seq_len = model.config.max_position_embeddings
-    fields = {"task": s.task, "total_steps": s.total_steps, "num_params": count_params(model),
-              **s.record}
+    fields = {
+        "task": s.task,
+        "total_steps": s.total_steps,
+        "num_params": count_params(model),
+        **s.record,
+    }
 
-    ckpt = Checkpointer(s.workdir / wd.CHECKPOINTS, keep=s.checkpoint_keep,
-                        async_save=s.async_save)
+    ckpt = Checkpointer(s.workdir / wd.CHECKPOINTS, keep=s.checkpoint_keep, async_save=s.async_save)
     writer = None
     record = None
     step = 0
@@ -157,8 +168,11 @@ def train_loop(
         record.set_mesh(mesh.shape)
         record.save("running", step)
         writer = MetricWriter(s.workdir)
-        progress = ProgressLine(s.total_steps, s.global_batch_size * seq_len,
-                                training_flops_per_token(model, seq_len, s.global_batch_size))
+        progress = ProgressLine(
+            s.total_steps,
+            s.global_batch_size * seq_len,
+            training_flops_per_token(model, seq_len, s.global_batch_size),
+        )
         start, status, pending = step, "completed", []
         with _Preemption() as preemption:
             while step < s.total_steps:

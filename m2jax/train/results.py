@@ -79,12 +79,21 @@ class RunRecord:
 
     def save(self, status: str, step: int, error: str | None = None) -> None:
         """Writes results.json with this attempt's state so far (`status`, at `step`)."""
-        attempt = {**self._attempt, "status": status, "end_step": step,
-                   "wall_seconds": time.perf_counter() - self._t0}
+        attempt = {
+            **self._attempt,
+            "status": status,
+            "end_step": step,
+            "wall_seconds": time.perf_counter() - self._t0,
+        }
         if error:
             attempt["error"] = error
-        self.data.update(status=status, step=step, wall_seconds=attempt["wall_seconds"],
-                         devices=attempt["devices"], mesh=attempt.get("mesh"))
+        self.data.update(
+            status=status,
+            step=step,
+            wall_seconds=attempt["wall_seconds"],
+            devices=attempt["devices"],
+            mesh=attempt.get("mesh"),
+        )
         self.data["attempts"] = [*self.data["attempts"][: self._index], attempt]
         wd.write_json(self._path, self.data)
 

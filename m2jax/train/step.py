@@ -56,9 +56,7 @@ def _loss_sum(task: str, logits: jax.Array, batch: Batch) -> tuple:
     else:
         valid = valid * (labels >= 0)
         safe = jnp.where(labels >= 0, labels, 0).astype(jnp.int32)
-        per_item = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), safe
-        )
+        per_item = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
         correct = ((jnp.argmax(logits, -1) == safe) * valid).sum()
     return (per_item * valid).sum(), valid.sum(), correct
 

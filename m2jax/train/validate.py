@@ -45,8 +45,16 @@ class _Checks:
     def integer(self, name: str, minimum: int) -> None:
         self.require(name, lambda v: _is_int(v) and v >= minimum, f"an integer >= {minimum}")
 
-    def number(self, name: str, low: float, high: float, *, open_low=False, open_high=False,
-               optional: bool = False) -> None:
+    def number(
+        self,
+        name: str,
+        low: float,
+        high: float,
+        *,
+        open_low=False,
+        open_high=False,
+        optional: bool = False,
+    ) -> None:
         def ok(v):
             if v is None:
                 return optional
@@ -61,8 +69,11 @@ class _Checks:
         self.require(name, lambda v: isinstance(v, bool), "True or False")
 
     def text(self, name: str, *, empty: bool = True) -> None:
-        self.require(name, lambda v: isinstance(v, str) and (empty or bool(v)),
-                     "a string" if empty else "a non-empty string")
+        self.require(
+            name,
+            lambda v: isinstance(v, str) and (empty or bool(v)),
+            "a string" if empty else "a non-empty string",
+        )
 
     def raise_if_any(self) -> None:
         if self.problems:
@@ -91,11 +102,16 @@ def _common(c: _Checks) -> None:
 def _mesh(c: _Checks) -> None:
     mesh = c.value("mesh")
     if set(mesh) != set(MESH_AXES):
-        c.problems.append(f"config.mesh: needs exactly the axes {list(MESH_AXES)}, got {dict(mesh)}")
+        c.problems.append(
+            f"config.mesh: needs exactly the axes {list(MESH_AXES)}, got {dict(mesh)}"
+        )
         return
     for axis in MESH_AXES:
-        c.require(f"mesh.{axis}", lambda v: _is_int(v) and (v >= 1 or v == -1),
-                  "an integer >= 1, or -1 (the rest of the devices)")
+        c.require(
+            f"mesh.{axis}",
+            lambda v: _is_int(v) and (v >= 1 or v == -1),
+            "an integer >= 1, or -1 (the rest of the devices)",
+        )
     if list(mesh.values()).count(-1) > 1:
         c.problems.append(f"config.mesh: at most one axis may be -1, got {dict(mesh)}")
 
@@ -103,7 +119,9 @@ def _mesh(c: _Checks) -> None:
 def _axis_rules(c: _Checks) -> None:
     def ok(rules):
         return all(
-            len(pair) == 2 and isinstance(pair[0], str) and (pair[1] is None or pair[1] in MESH_AXES)
+            len(pair) == 2
+            and isinstance(pair[0], str)
+            and (pair[1] is None or pair[1] in MESH_AXES)
             for pair in rules
         )
 
@@ -114,8 +132,9 @@ def _optimizer(c: _Checks, name: str) -> None:
     fields = set(c.value(name))
     unknown = sorted(fields - _OPTIMIZER_FIELDS)
     if unknown:
-        c.problems.append(f"config.{name}: unknown fields {unknown}; the fields: "
-                          f"{sorted(_OPTIMIZER_FIELDS)}")
+        c.problems.append(
+            f"config.{name}: unknown fields {unknown}; the fields: " f"{sorted(_OPTIMIZER_FIELDS)}"
+        )
     checks = {
         "name": lambda n: c.text(n, empty=False),
         "lr": lambda n: c.number(n, 0, math.inf, open_low=True, open_high=True),
@@ -123,8 +142,9 @@ def _optimizer(c: _Checks, name: str) -> None:
         "b2": lambda n: c.number(n, 0, 1, open_high=True),
         "eps": lambda n: c.number(n, 0, math.inf, open_low=True, open_high=True),
         "weight_decay": lambda n: c.number(n, 0, math.inf, open_high=True),
-        "clip_norm": lambda n: c.number(n, 0, math.inf, open_low=True, open_high=True,
-                                        optional=True),
+        "clip_norm": lambda n: c.number(
+            n, 0, math.inf, open_low=True, open_high=True, optional=True
+        ),
         "warmup_fraction": lambda n: c.number(n, 0, 1),
         "final_lr_fraction": lambda n: c.number(n, 0, 1),
         "param_groups": lambda n: c.text(n, empty=False),
@@ -145,8 +165,13 @@ def _data_source(c: _Checks, name: str, kinds: tuple[str, ...], *, allow_empty=F
         kind, sep, arg = v.partition(":")
         return v in kinds or (kind + ":" in kinds and bool(sep and arg))
 
-    c.require(name, ok, "one of " + ", ".join(f"'{k}<...>'" if k.endswith(":") else f"'{k}'"
-                                               for k in kinds) + (" or ''" if allow_empty else ""))
+    c.require(
+        name,
+        ok,
+        "one of "
+        + ", ".join(f"'{k}<...>'" if k.endswith(":") else f"'{k}'" for k in kinds)
+        + (" or ''" if allow_empty else ""),
+    )
 
 
 def check_pretraining_config(config: Any) -> None:
@@ -204,8 +229,10 @@ def check_glue_config(config: Any) -> None:
         )
     order = list(config.task_order)
     if not order or len(set(order)) != len(order) or any(t not in config.tasks for t in order):
-        c.problems.append(f"config.task_order: must list tasks of config.tasks "
-                          f"({sorted(config.tasks)}) once each, got {order}")
+        c.problems.append(
+            f"config.task_order: must list tasks of config.tasks "
+            f"({sorted(config.tasks)}) once each, got {order}"
+        )
     for task, t in config.tasks.items():
         where = f"tasks.{task}"
         if task.lower().replace("-", "") not in GLUE_TASKS:
@@ -213,21 +240,36 @@ def check_glue_config(config: Any) -> None:
         c.integer(f"{where}.epochs", 1)
         c.integer(f"{where}.batch_size", 1)
         c.boolean(f"{where}.pool_all")
-        c.require(f"{where}.seeds", lambda s: len(s) > 0 and all(_is_int(x) and x >= 0 for x in s)
-                  and len(set(s)) == len(s), "a non-empty list of distinct integers >= 0")
+        c.require(
+            f"{where}.seeds",
+            lambda s: len(s) > 0
+            and all(_is_int(x) and x >= 0 for x in s)
+            and len(set(s)) == len(s),
+            "a non-empty list of distinct integers >= 0",
+        )
         _optimizer(c, f"{where}.optimizer")
         parent = t.start_from_task
         if parent and task in order:
             if parent not in order or task not in order or order.index(parent) > order.index(task):
-                c.problems.append(f"config.{where}.start_from_task: {parent!r} must be a task "
-                                  f"run before {task!r} in config.task_order {order}")
+                c.problems.append(
+                    f"config.{where}.start_from_task: {parent!r} must be a task "
+                    f"run before {task!r} in config.task_order {order}"
+                )
             elif not config.export_final:
-                c.problems.append(f"config.export_final: False, but {task} starts from "
-                                  f"{parent}'s exported model")
-        if _is_int(t.batch_size) and _is_int(config.accum_steps) and config.accum_steps >= 1 \
-                and t.batch_size % config.accum_steps:
-            c.problems.append(f"config.accum_steps: {config.accum_steps} microbatches do not "
-                              f"divide config.{where}.batch_size {t.batch_size}")
+                c.problems.append(
+                    f"config.export_final: False, but {task} starts from "
+                    f"{parent}'s exported model"
+                )
+        if (
+            _is_int(t.batch_size)
+            and _is_int(config.accum_steps)
+            and config.accum_steps >= 1
+            and t.batch_size % config.accum_steps
+        ):
+            c.problems.append(
+                f"config.accum_steps: {config.accum_steps} microbatches do not "
+                f"divide config.{where}.batch_size {t.batch_size}"
+            )
     c.raise_if_any()
 
 
@@ -236,5 +278,7 @@ def check_batch_fits(name: str, batch_size: int, mesh: Any, process_count: int) 
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     for parts, what in ((process_count, "processes"), (shards, "batch shards (data x fsdp)")):
         if batch_size % parts:
-            raise ConfigError(f"config.{name}: {batch_size} rows do not split over the "
-                              f"{parts} {what} of this run")
+            raise ConfigError(
+                f"config.{name}: {batch_size} rows do not split over the "
+                f"{parts} {what} of this run"
+            )

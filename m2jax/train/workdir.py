@@ -61,8 +61,10 @@ def read_json(path: epath.Path) -> Any | None:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise WorkdirError(f"{path} is not valid JSON ({e}); it was written by something else "
-                           "than m2jax, or by hand: move it away and re-run") from None
+        raise WorkdirError(
+            f"{path} is not valid JSON ({e}); it was written by something else "
+            "than m2jax, or by hand: move it away and re-run"
+        ) from None
 
 
 def write_json(path: epath.Path, data: Any) -> bool:
