@@ -167,6 +167,8 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
     c.checkpoint = common.checkpoint(every=2000, keep=1)
     # Each (task, seed) run writes <workdir>/<task>/seed_<n>/final; chained tasks start from it.
     c.export_final = True
+    # TensorBoard event files through clu (TensorFlow); False (or clu missing): metrics.jsonl
+    c.tensorboard = True
     if variant == "smoke":
         c.data.source = "embedded"
         c.log_every = 25

@@ -84,6 +84,8 @@ def get_config(variant: str = "m2_base_80m") -> ml_collections.ConfigDict:
 
     c.checkpoint = common.checkpoint(every=1000, keep=3)
     c.export_final = True  # write workdir/final (the reference's layout) when the run completes
+    # TensorBoard event files through clu (TensorFlow); False (or clu missing): metrics.jsonl
+    c.tensorboard = True
 
     if variant.startswith("m2_80m_"):
         # Long-context runs. The reference publishes no pretraining recipe for the 80M 2k/8k/32k

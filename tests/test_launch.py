@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from train_fixtures import ROOT, TINY, snapshot, subprocess_env  # noqa: F401
+from train_fixtures import ROOT, TINY, snapshot
 
 import m2jax
 from launch.common import unknown_override
@@ -122,9 +122,9 @@ def test_launch_reports_an_unknown_model_field_clearly(subprocess_env):
 # Pretraining preempted, resumed and re-run; GLUE from its export, re-run. The console of each.
 
 PRETRAIN_FLAGS = ["--config=configs/pretrain.py:smoke", *TINY_FLAGS,
-                  "--config.global_batch_size=8", "--config.total_steps=200",
-                  "--config.log_every=50", "--config.eval_every=100", "--config.eval_steps=1",
-                  "--config.checkpoint.every=100"]
+                  "--config.global_batch_size=8", "--config.total_steps=100",
+                  "--config.log_every=25", "--config.eval_every=50", "--config.eval_steps=1",
+                  "--config.checkpoint.every=50"]
 
 
 def _preempt_after_first_line(env, *args) -> tuple[int, str, str]:
@@ -155,7 +155,7 @@ def pretrain_runs(tmp_path_factory, subprocess_env):
 
 
 def _preempted_at(out: str) -> int:
-    return int(re.search(r"^preempted at step (\d+)/200", out, flags=re.M).group(1))
+    return int(re.search(r"^preempted at step (\d+)/100", out, flags=re.M).group(1))
 
 
 def test_09_preemption_saves_and_exits_with_its_own_code(pretrain_runs):
@@ -163,7 +163,7 @@ def test_09_preemption_saves_and_exits_with_its_own_code(pretrain_runs):
     assert code == 75, out[-2000:] + err[-3000:]
     assert "(saved); re-run the same command to resume" in out
     step = _preempted_at(out)
-    assert 1 <= step < 50 and f"resumed from step {step} " in completed.stdout
+    assert 1 <= step < 25 and f"resumed from step {step} " in completed.stdout
 
 
 def test_10_the_console_shows_each_line_once_without_library_noise(pretrain_runs):
@@ -171,17 +171,17 @@ def test_10_the_console_shows_each_line_once_without_library_noise(pretrain_runs
     _ok(completed)
     lines = (completed.stdout + completed.stderr).splitlines()
     step = _preempted_at(out)
-    assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 200 steps of 8 rows")
+    assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 100 steps of 8 rows")
     assert lines[1].startswith(f"resumed from step {step} (")
-    assert re.match(rf"step {step + 1}/200 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and "
+    assert re.match(rf"step {step + 1}/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and "
                     r"first step [\d.]+ s$", lines[2]), lines
     progress = [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")]
-    assert progress == [step + 1, 50, 100, 150, 200], lines
-    assert re.match(r"step 100/200 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
-                    r"\d\d:\d\d:\d\d$", lines[4]), lines
+    assert progress == [step + 1, 25, 50, 75, 100], lines
+    assert re.match(r"step 25/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
+                    r"\d\d:\d\d:\d\d$", lines[3]), lines
     assert [x.split(":")[0] for x in lines if x.startswith("eval")] == \
-        ["eval at step 100", "eval at step 200"]
-    assert lines[-1].startswith("done: completed at step 200/200; eval mlm_loss ")
+        ["eval at step 50", "eval at step 100"]
+    assert lines[-1].startswith("done: completed at step 100/100; eval mlm_loss ")
     assert len(lines) == 2 + len(progress) + 2 + 1, lines  # nothing else: no library logs
     # The preempted attempt printed as little: its header, its first step, the preemption.
     assert len((out + err).splitlines()) == 3, out + err
@@ -192,7 +192,7 @@ def test_01_rerunning_a_finished_launch_reports_its_results_and_changes_nothing(
     _ok(again)
     assert snapshot(workdir) == before
     assert again.stdout.splitlines()[-1] == completed.stdout.splitlines()[-1]
-    assert "finished before (step 200/200); its stored results stand" in again.stdout
+    assert "finished before (step 100/100); its stored results stand" in again.stdout
     assert again.stderr == ""
 
 
@@ -200,16 +200,16 @@ def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_runs):
     workdir, (_, out, _), _, _ = pretrain_runs
     saved = _preempted_at(out)
     results = json.load(open(os.path.join(workdir, "results.json")))
-    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 200, 200)
-    assert [e["step"] for e in results["eval"]] == [100, 200]
+    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 100, 100)
+    assert [e["step"] for e in results["eval"]] == [50, 100]
     # The history of both attempts, one entry per logged step.
     steps = [h["step"] for h in results["train"]]
-    assert steps == sorted(set(steps)) and {1, 50, 100, 150, 200} <= set(steps)
+    assert steps == sorted(set(steps)) and {1, 25, 50, 75, 100} <= set(steps)
     assert [a["status"] for a in results["attempts"]] == ["preempted", "completed"]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "200"]  # keep 2
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]  # keep 2
     assert results["attempts"][0]["end_step"] == saved
     config = json.load(open(os.path.join(workdir, "config.json")))
-    assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 200
+    assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 100
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
     assert isinstance(exported, m2jax.M2BertForMaskedLM)
     assert (exported.config.hidden_size, exported.config.vocab_size) == (32, 30528)

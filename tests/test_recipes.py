@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from flax import nnx
-from train_fixtures import ROOT, TINY, glue_config, pretrain_config, tiny_pretraining  # noqa: F401
+from train_fixtures import ROOT, TINY, glue_config, pretrain_config
 
 import m2jax
 from configs import common

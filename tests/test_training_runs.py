@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from train_fixtures import ROOT, subprocess_env  # noqa: F401
+from train_fixtures import ROOT
 
 DRIVER = os.path.join(ROOT, "tests", "drivers", "train_driver.py")
 

@@ -1,7 +1,7 @@
 """Tiny recipe configs and one finished pretraining run, shared by the training tests.
 
-Import the fixture into a test module (`from train_fixtures import tiny_pretraining`): it is
-session-scoped, so the run happens once however many modules use it.
+The session fixtures are registered in tests/conftest.py, so the run happens once (and the
+subprocesses share one compilation cache) however many modules use them.
 """
 
 import hashlib

@@ -100,6 +100,7 @@ def _loop_settings(config: Any, directory: epath.Path, restart: bool, **kwargs) 
         accum_steps=config.accum_steps,
         axis_rules=tuple(tuple(pair) for pair in config.axis_rules),
         restart=restart,
+        tensorboard=config.tensorboard,
         **kwargs,
     )
 

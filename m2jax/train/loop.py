@@ -59,6 +59,7 @@ class LoopSettings:
     seed: int = 0  # dropout
     axis_rules: Sequence[tuple[str, str | None]] | None = None  # None: m2jax.sharding's
     restart: bool = False  # no readable checkpoint: set them aside and start over
+    tensorboard: bool = True  # event files (clu, TensorFlow); False: metrics.jsonl
     record: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # for results.json
 
 
@@ -167,7 +168,7 @@ def train_loop(
         record = RunRecord(s.workdir, fields, step if restored is not None else None)
         record.set_mesh(mesh.shape)
         record.save("running", step)
-        writer = MetricWriter(s.workdir)
+        writer = MetricWriter(s.workdir, s.tensorboard)
         progress = ProgressLine(
             s.total_steps,
             s.global_batch_size * seq_len,

@@ -99,11 +99,11 @@ class RunRecord:
 
 
 class MetricWriter:
-    """Scalars for TensorBoard: event files through clu when it is installed (it needs
-    TensorFlow, whose file layer also writes gs://), else `metrics.jsonl` through epath. Only
-    process 0 writes."""
+    """Scalars for TensorBoard: event files through clu when `tensorboard` and clu is installed
+    (it needs TensorFlow, whose file layer also writes gs://), else `metrics.jsonl` through epath.
+    Only process 0 writes."""
 
-    def __init__(self, workdir: epath.Path):
+    def __init__(self, workdir: epath.Path, tensorboard: bool = True):
         self._active = jax.process_index() == 0
         self._clu = None
         self._jsonl: epath.Path | None = None
@@ -111,6 +111,8 @@ class MetricWriter:
         if not self._active:
             return
         try:
+            if not tensorboard:
+                raise ImportError("TensorBoard events not asked for")
             from clu import metric_writers
         except ImportError:
             self._jsonl = workdir / "metrics.jsonl"

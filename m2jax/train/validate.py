@@ -92,6 +92,7 @@ def _common(c: _Checks) -> None:
     c.integer("checkpoint.keep", 1)
     c.boolean("checkpoint.async_save")
     c.boolean("export_final")
+    c.boolean("tensorboard")
     c.text("init_from")
     c.text("long_conv_on_sharded_cpu")
     _mesh(c)

@@ -33,6 +33,7 @@ def tiny_config(overrides: list[str]):
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
     c.data.num_threads = 0
     c.export_final = False
+    c.tensorboard = False  # metrics.jsonl: TensorFlow's import is most of a short run's start
     for item in overrides:
         key, value = item.split("=", 1)
         node = c
@@ -138,16 +139,13 @@ def main() -> None:
     parser.add_argument("--sigterm_at_step", type=int, default=0,
                         help="send SIGTERM to this process while fetching this step's batch")
     parser.add_argument("--fake_gcs", default="",
-                        help="serve gs:// from files under this folder (tests/fake_gcs.py); "
-                        "TensorBoard events then go to metrics.jsonl (TensorFlow's own GCS "
-                        "client cannot be pointed at the fake)")
+                        help="serve gs:// from files under this folder (tests/fake_gcs.py)")
     args = parser.parse_args()
     if args.fake_gcs:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         import fake_gcs
 
         fake_gcs.install(args.fake_gcs)
-        sys.modules["clu"] = None  # an ImportError: m2jax writes metrics.jsonl through epath
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
