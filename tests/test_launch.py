@@ -1,12 +1,11 @@
 """The absl launches (`launch/pretrain.py`, `launch/finetune_glue.py`) as users run them: config
 file flags, `--config.x.y` overrides (every model field), `--workdir`, the multi-process flags;
-a run preempted, resumed and re-run, with its console and exit codes (issue 9: 1, 9, 10)."""
+a run and its re-run, with its console and exit codes (issue 9: 1, 10)."""
 
 import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -119,7 +118,7 @@ def test_launch_reports_an_unknown_model_field_clearly(subprocess_env):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining preempted, resumed and re-run; GLUE from its export, re-run. The console of each.
+# Pretraining run and re-run; GLUE from its export, run and re-run. The console of each.
 
 PRETRAIN_FLAGS = ["--config=configs/pretrain.py:smoke", *TINY_FLAGS,
                   "--config.global_batch_size=8", "--config.total_steps=100",
@@ -127,68 +126,38 @@ PRETRAIN_FLAGS = ["--config=configs/pretrain.py:smoke", *TINY_FLAGS,
                   "--config.checkpoint.every=50"]
 
 
-def _preempt_after_first_line(env, *args) -> tuple[int, str, str]:
-    """The launch, sent SIGTERM (a scheduler's preemption) once its first step is printed."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "pretrain.py"), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step "):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, "".join(lines) + out, err
-
-
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory, subprocess_env):
-    """The smoke launch preempted after its first step, resumed to the end, then run again."""
+    """The smoke launch run to the end, then run again on the same work directory."""
     workdir = str(tmp_path_factory.mktemp("launch") / "pretrain")
     args = [*PRETRAIN_FLAGS, f"--workdir={workdir}"]
-    preempted = _preempt_after_first_line(subprocess_env, *args)
     completed = _launch(subprocess_env, "pretrain.py", *args)
     before = snapshot(workdir)
     again = _launch(subprocess_env, "pretrain.py", *args)
-    return workdir, preempted, completed, (before, again)
-
-
-def _preempted_at(out: str) -> int:
-    return int(re.search(r"^preempted at step (\d+)/100", out, flags=re.M).group(1))
-
-
-def test_09_preemption_saves_and_exits_with_its_own_code(pretrain_runs):
-    workdir, (code, out, err), completed, _ = pretrain_runs
-    assert code == 75, out[-2000:] + err[-3000:]
-    assert "(saved); re-run the same command to resume" in out
-    step = _preempted_at(out)
-    assert 1 <= step < 25 and f"resumed from step {step} " in completed.stdout
+    return workdir, completed, (before, again)
 
 
 def test_10_the_console_shows_each_line_once_without_library_noise(pretrain_runs):
-    workdir, (_, out, err), completed, _ = pretrain_runs
+    """(The preempted launch's exit code, 75: tests/test_training_runs.py, through the same
+    `launch.common.run_and_report`.)"""
+    workdir, completed, _ = pretrain_runs
     _ok(completed)
     lines = (completed.stdout + completed.stderr).splitlines()
-    step = _preempted_at(out)
     assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 100 steps of 8 rows")
-    assert lines[1].startswith(f"resumed from step {step} (")
-    assert re.match(rf"step {step + 1}/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and "
-                    r"first step [\d.]+ s$", lines[2]), lines
+    assert re.match(r"step 1/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and first step "
+                    r"[\d.]+ s$", lines[1]), lines
     progress = [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")]
-    assert progress == [step + 1, 25, 50, 75, 100], lines
+    assert progress == [1, 25, 50, 75, 100], lines
     assert re.match(r"step 25/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
-                    r"\d\d:\d\d:\d\d$", lines[3]), lines
+                    r"\d\d:\d\d:\d\d$", lines[2]), lines
     assert [x.split(":")[0] for x in lines if x.startswith("eval")] == \
         ["eval at step 50", "eval at step 100"]
     assert lines[-1].startswith("done: completed at step 100/100; eval mlm_loss ")
-    assert len(lines) == 2 + len(progress) + 2 + 1, lines  # nothing else: no library logs
-    # The preempted attempt printed as little: its header, its first step, the preemption.
-    assert len((out + err).splitlines()) == 3, out + err
+    assert len(lines) == 1 + len(progress) + 2 + 1, lines  # nothing else: no library logs
 
 
 def test_01_rerunning_a_finished_launch_reports_its_results_and_changes_nothing(pretrain_runs):
-    workdir, _, completed, (before, again) = pretrain_runs
+    workdir, completed, (before, again) = pretrain_runs
     _ok(again)
     assert snapshot(workdir) == before
     assert again.stdout.splitlines()[-1] == completed.stdout.splitlines()[-1]
@@ -197,17 +166,14 @@ def test_01_rerunning_a_finished_launch_reports_its_results_and_changes_nothing(
 
 
 def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_runs):
-    workdir, (_, out, _), _, _ = pretrain_runs
-    saved = _preempted_at(out)
+    workdir, _, _ = pretrain_runs
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert (results["status"], results["step"], results["total_steps"]) == ("completed", 100, 100)
     assert [e["step"] for e in results["eval"]] == [50, 100]
-    # The history of both attempts, one entry per logged step.
-    steps = [h["step"] for h in results["train"]]
-    assert steps == sorted(set(steps)) and {1, 25, 50, 75, 100} <= set(steps)
-    assert [a["status"] for a in results["attempts"]] == ["preempted", "completed"]
+    assert [h["step"] for h in results["train"]] == [1, 25, 50, 75, 100]
+    assert [(a["start_step"], a["end_step"], a["status"]) for a in results["attempts"]] == [
+        (0, 100, "completed")]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]  # keep 2
-    assert results["attempts"][0]["end_step"] == saved
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 100
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
@@ -224,7 +190,8 @@ def test_glue_launch_fine_tunes_the_pretraining_launchs_export_and_skips_it_when
     # get no update at all: they must still be the pretrained ones.
     args = ["--config=configs/glue.py:smoke", f"--workdir={tmp_path}", *TINY_FLAGS,
             f"--config.init_from={init}", "--config.max_steps=3",
-            "--config.tasks.wnpos.batch_size=8", "--config.tasks.wnpos.optimizer.weight_decay=0.0"]
+            "--config.tasks.wnpos.batch_size=8", "--config.tasks.wnpos.optimizer.weight_decay=0.0",
+            "--config.tensorboard=false"]
     proc = _ok(_launch(subprocess_env, "finetune_glue.py", *args))
     results = json.load(open(tmp_path / "results.json"))
     assert list(results["task_scores"]) == ["wnpos"] and 0 <= results["task_scores"]["wnpos"] <= 1

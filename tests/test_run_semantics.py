@@ -101,7 +101,7 @@ def test_04_a_divergent_update_never_reaches_a_checkpoint(tmp_path):
     # lr 0 at step 1 (warm-up), 1e30 at step 2: that update is finite but diverges.
     c = pretrain_config(**{"optimizer.lr": 1e30, "optimizer.warmup_fraction": 0.01,
                            "optimizer.clip_norm": None, "checkpoint.every": 1,
-                           "total_steps": 6, "eval_steps": 0})
+                           "total_steps": 3, "eval_steps": 0})
     with pytest.raises(NonFiniteError, match=r"step (\d)") as e:
         run_pretraining(c, tmp_path)
     bad_step = int(re.search(r"step (\d)", str(e.value)).group(1))

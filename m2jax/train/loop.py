@@ -139,13 +139,14 @@ def train_loop(
     state, shardings, consts = create_train_state(params, consts, tx, mesh, s.axis_rules, s.seed)
     train_step = jit_train_step(
         graphdef,
-        consts,
         tx,
         s.task,
         s.accum_steps,
         shardings,
+        jax.tree_util.tree_map(lambda x: x.sharding, consts),
         shd.batch_sharding(mesh),
         shd.replicated(mesh),
+        cache_key=(optimizer, mesh, None if s.axis_rules is None else tuple(s.axis_rules)),
     )
     check_step = jit_eval_step(graphdef, s.task)
     seq_len = model.config.max_position_embeddings
@@ -178,7 +179,7 @@ def train_loop(
         with _Preemption() as preemption:
             while step < s.total_steps:
                 batch = shd.global_batch(_with_example_mask(next(batches)), mesh)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, consts, batch)
                 step += 1
                 pending.append((step, metrics))
                 last = step == s.total_steps

@@ -9,6 +9,7 @@ step whose loss or gradient is not finite is not applied: the state comes back u
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable
 
@@ -68,11 +69,20 @@ def make_train_step(
     task: str,
     accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple]:
-    """The pure step for `task` ("mlm" or "classification") with `accum_steps` microbatches."""
+    """The pure step `(state, batch) -> (state, metrics)` for `task` ("mlm" or
+    "classification") with `accum_steps` microbatches."""
+    step = _step_with_consts(graphdef, tx, task, accum_steps)
+    return lambda state, batch: step(state, consts, batch)
+
+
+def _step_with_consts(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, task: str, accum_steps: int
+) -> Callable[[TrainState, nnx.State, Batch], tuple]:
+    """The step with the model's constants an argument: `(state, consts, batch)`."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
-    def micro_grads(params, micro: Batch, rng):
+    def micro_grads(params, consts, micro: Batch, rng):
         def f(p):
             model = nnx.merge(graphdef, p, consts)
             total, count, correct = _loss_sum(task, _forward(model, micro, rng), micro)
@@ -81,10 +91,12 @@ def make_train_step(
         (total, (count, correct)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, total, count, correct
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        state: TrainState, consts: nnx.State, batch: Batch
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         step_key = jax.random.fold_in(state.rng, state.step)
         if accum_steps == 1:
-            grads, total, count, correct = micro_grads(state.params, batch, step_key)
+            grads, total, count, correct = micro_grads(state.params, consts, batch, step_key)
         else:
             micro = jax.tree_util.tree_map(
                 lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
@@ -92,7 +104,7 @@ def make_train_step(
 
             def body(carry, xs):
                 i, mb = xs
-                g, t, c, k = micro_grads(state.params, mb, jax.random.fold_in(step_key, i))
+                g, t, c, k = micro_grads(state.params, consts, mb, jax.random.fold_in(step_key, i))
                 acc_g, acc_t, acc_c, acc_k = carry
                 return (
                     jax.tree_util.tree_map(jnp.add, acc_g, g),
@@ -130,23 +142,45 @@ def make_train_step(
     return train_step
 
 
+# Compiled steps by (model structure, task, microbatches, what the optimizer and the shardings
+# are built from): a GLUE sweep's seeds, or a run resumed in the same process, reuse one.
+_COMPILED_STEPS: collections.OrderedDict = collections.OrderedDict()
+_MAX_COMPILED_STEPS = 8
+
+
 def jit_train_step(
     graphdef: nnx.GraphDef,
-    consts: nnx.State,
     tx: optax.GradientTransformation,
     task: str,
     accum_steps: int,
     state_shardings: TrainState,
+    consts_shardings: Any,
     batch_sharding: jax.sharding.Sharding,
     replicated: jax.sharding.Sharding,
-) -> Callable[[TrainState, Batch], tuple]:
-    """`make_train_step` jitted once with explicit shardings, the state donated."""
-    return jax.jit(
-        make_train_step(graphdef, consts, tx, task, accum_steps),
-        in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+    *,
+    cache_key: Any = None,
+) -> Callable[[TrainState, nnx.State, Batch], tuple]:
+    """The step `(state, consts, batch) -> (state, metrics)` jitted once with explicit
+    shardings, the state donated.
+
+    `cache_key` (hashable): everything `tx` and the shardings are built from besides the model
+    structure (the OptimizerConfig, the mesh, the axis rules); a later call with the same key
+    and an equal `graphdef` returns the step already compiled. None: never cached."""
+    key = None if cache_key is None else (graphdef, task, accum_steps, cache_key)
+    if key is not None and key in _COMPILED_STEPS:
+        _COMPILED_STEPS.move_to_end(key)
+        return _COMPILED_STEPS[key]
+    step = jax.jit(
+        _step_with_consts(graphdef, tx, task, accum_steps),
+        in_shardings=(state_shardings, consts_shardings, {k: batch_sharding for k in BATCH_KEYS}),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+    if key is not None:
+        _COMPILED_STEPS[key] = step
+        while len(_COMPILED_STEPS) > _MAX_COMPILED_STEPS:
+            _COMPILED_STEPS.popitem(last=False)
+    return step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, task: str) -> Callable:

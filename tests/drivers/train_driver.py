@@ -4,7 +4,7 @@ same console, same exit codes), for the tests of whole runs.
   python tests/drivers/train_driver.py --workdir=W --devices=8 --mesh=2,2,2 [--hosts=2]
       [--process_id=I --num_processes=P --port=N] [--set key=value ...]
       [--kill_after_checkpoint=S | --disk_full_after_checkpoint=S | --sigterm_at_step=S]
-      [--fake_gcs=ROOT --workdir=gs://bucket/run]
+      [--fake_gcs=ROOT --workdir=gs://bucket/run] [--then_load=INIT_FROM]
 
 --devices sets the number of fake CPU devices (must happen before jax is imported).
 --hosts=K in a single process feeds the concatenation of K simulated hosts' batches, i.e. the
@@ -140,6 +140,9 @@ def main() -> None:
                         help="send SIGTERM to this process while fetching this step's batch")
     parser.add_argument("--fake_gcs", default="",
                         help="serve gs:// from files under this folder (tests/fake_gcs.py)")
+    parser.add_argument("--then_load", default="",
+                        help="after the run, load this init_from source (m2jax.train.init) and "
+                        "print the sum of its word embeddings")
     args = parser.parse_args()
     if args.fake_gcs:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -182,7 +185,14 @@ def main() -> None:
                                 for i in range(args.hosts)])
 
         m2jax.data.pretrain_batches = all_hosts
-    sys.exit(run_and_report(jobs.run_pretraining, c, args.workdir))
+    code = run_and_report(jobs.run_pretraining, c, args.workdir)
+    if args.then_load:
+        from m2jax.train.init import load_init_source, model_config
+
+        source = load_init_source(args.then_load, model_config(c.model))
+        table = source.bert.embeddings.word_embeddings.embedding[...]
+        print(f"loaded {args.then_load}: word embeddings sum {float(table.sum())!r}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":
