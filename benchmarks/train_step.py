@@ -3,13 +3,13 @@
     python benchmarks/train_step.py [--model m2-bert-base-80m] [--batch 8] [--seq 128]
         [--dtype float32] [--repeats 5] [--out out/train_step.json]
 
-Runs the trainer's own jitted step (m2jax.train_step) on random token batches, `--repeats`
+Runs the trainer's own jitted step (m2jax.train.step) on random token batches, `--repeats`
 timed steps after two warm-up steps, and reports the median tokens/s. Peak memory is the
 device's `peak_bytes_in_use` where the backend reports it (GPU/TPU), else the process's peak
 resident set size (CPU).
 
 Model FLOPs utilisation against what this machine's matmuls reach: the step's model FLOPs
-(`run_logging.training_flops_per_token`, the count the trainer's MFU uses) per second, divided
+(`m2jax.train.flops.training_flops_per_token`, the count the trainer's MFU uses) per second, divided
 by the f32 (or --dtype) matmul rate measured in the same run, right before the step
 (`matmul_rate`: the best median over a few large matmul shapes). Prints a table and writes JSON.
 """
@@ -31,8 +31,8 @@ from flax import nnx
 
 import m2jax
 from m2jax.optim import OptimizerConfig, make_optimizer
-from m2jax.run_logging import training_flops_per_token
-from m2jax.train_step import TrainState, make_train_step
+from m2jax.train.flops import training_flops_per_token
+from m2jax.train.step import TrainState, make_train_step
 
 # (M, K, N) of the matmuls timed for the reference rate: the model's own widest product and a
 # square one.

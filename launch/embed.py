@@ -10,7 +10,8 @@ glob of such files (optionally `.gz`), `tfds:<name>` (split `--split`), or `embe
 shipped Python-documentation corpus). Unusable lines (empty, not UTF-8, bad JSON) are skipped
 with counted warnings, so `--output` rows are listed with their source line in
 `<output stem>.rows.jsonl`. With `--query`, prints the `--top_k` most cosine-similar documents
-for each query.
+for each query. Arguments are checked before anything is read; an existing `--output` is kept
+unless `--overwrite` is given; files are created with the usual permissions (umask).
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "documents shown per query")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "texts per forward call")
 _NORMALIZE = flags.DEFINE_bool("normalize", False, "L2-normalise the saved embeddings")
 _PADDING = flags.DEFINE_enum(
-    "padding", "max_length", ["max_length", "bucket"],
+    "padding",
+    "max_length",
+    ["max_length", "bucket"],
     "max_length: as the reference (full length); bucket: faster on short texts, not identical",
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "replace an existing --output (and its rows file)"
+)
 
 
 def open_corpus(spec: str, text_field: str, split: str):
@@ -68,13 +74,17 @@ def read_documents(source, max_docs: int | None) -> tuple[list[str], list[str]]:
 
 def save_atomically(path: str, write) -> None:
     """`write(file)` into a temporary file beside `path`, then rename: an interrupted run
-    never leaves a half-written file in place of an older complete one."""
+    never leaves a half-written file in place of an older complete one. The file gets the mode
+    a plain `open` would give it (0666 less the umask; mkstemp's own is 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -91,12 +101,32 @@ def _snippet(text: str, width: int = 90) -> str:
     return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def check_arguments() -> None:
+    """Every argument, before anything is read or computed (UsageError naming the flag)."""
     if not _OUTPUT.value and not _QUERIES.value:
         raise app.UsageError("give --output (save the embeddings) and/or --query (search)")
-    if _OUTPUT.value and not _OUTPUT.value.endswith(".npy"):
-        raise app.UsageError(f"--output must end in .npy, got {_OUTPUT.value!r}")
+    for flag, value in (
+        ("--top_k", _TOP_K.value),
+        ("--batch_size", _BATCH.value),
+        ("--max_docs", _MAX_DOCS.value),
+    ):
+        if value is not None and value < 1:
+            raise app.UsageError(f"{flag} must be >= 1, got {value}")
+    if _OUTPUT.value:
+        if not _OUTPUT.value.endswith(".npy"):
+            raise app.UsageError(f"--output must end in .npy, got {_OUTPUT.value!r}")
+        existing = [p for p in (_OUTPUT.value, rows_path(_OUTPUT.value)) if os.path.exists(p)]
+        if existing and not _OVERWRITE.value:
+            raise app.UsageError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
+        folder = os.path.dirname(os.path.abspath(_OUTPUT.value))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise app.UsageError(f"--output: {folder} is not a directory")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_arguments()
     source = open_corpus(_INPUT.value, _TEXT_FIELD.value, _SPLIT.value)
     texts, where = read_documents(source, _MAX_DOCS.value)
     if not texts:
@@ -120,7 +150,9 @@ def main(argv: list[str]) -> None:
         save_atomically(rows_path(_OUTPUT.value), lambda f: f.write(rows.encode()))
         print(f"wrote {_OUTPUT.value} and {rows_path(_OUTPUT.value)}")
     if _QUERIES.value:
-        scores_QxK, rows_QxK = cosine_top_k(embedder.embed(_QUERIES.value), corpus_NxH, _TOP_K.value)
+        scores_QxK, rows_QxK = cosine_top_k(
+            embedder.embed(_QUERIES.value), corpus_NxH, _TOP_K.value
+        )
         for query, scores, rows in zip(_QUERIES.value, scores_QxK, rows_QxK):
             print(f"\nquery: {query}")
             for rank, (score, row) in enumerate(zip(scores, rows), start=1):

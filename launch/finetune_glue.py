@@ -7,37 +7,38 @@
 `scratch` for a random initialisation). Offline on the shipped task:
 --config=configs/glue.py:smoke --config.init_from=out/smoke/final.
 Results: <workdir>/results.json (task scores, mean over seeds; the GLUE average) and one
-results.json per task and seed.
+results.json per task and seed. Re-running with the same workdir skips the finished (task, seed)
+runs and resumes the others. `--print_config` prints the resolved config. Exit codes:
+0 finished (now or before), 75 preempted after saving (re-run to resume), 3 invalid config,
+4 unusable data, 5 non-finite loss, 6 checkpoints that cannot be resumed, 7 work directory not
+writable (full disk), 1 anything else.
 """
 
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from m2jax.recipes import run_glue  # noqa: E402
-from launch.distributed_flags import init_distributed_from_flags, parse_flags  # noqa: E402
+from configs import glue as recipes  # noqa: E402
+from launch import common  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "GLUE config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "one folder per task and seed", required=True)
+flags.adopt_module_key_flags(common)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, common.config_help("GLUE", "glue.py", recipes.VARIANTS), lock_config=True
+)
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    init_distributed_from_flags()
-    logging.set_verbosity(logging.INFO)
-    results = run_glue(_CONFIG.value, _WORKDIR.value)
-    print(
-        "scores: " + ", ".join(f"{k} {v:.4f}" for k, v in results["task_scores"].items()),
-        flush=True,
-    )
-    if "glue_average" in results:
-        print(f"GLUE average {results['glue_average']:.4f}", flush=True)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from m2jax.train.jobs import run_glue
+
+    common.run_job(run_glue, _CONFIG.value)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=common.parse_flags)

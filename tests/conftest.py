@@ -13,6 +13,10 @@ import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The training tests' session fixtures (one finished tiny pretraining run, one compilation cache
+# for subprocess runs): registered here so that every module shares one instance of each.
+from train_fixtures import subprocess_env, tiny_pretraining  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _temporary_files_under_pytest_basetemp(tmp_path_factory):

@@ -30,9 +30,15 @@ def retrieval_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "embed.py"), *args],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+def _run(*args, umask=None):
+    """launch/embed.py in a subprocess (which inherits `umask`)."""
+    previous = os.umask(umask) if umask is not None else None
+    try:
+        return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "embed.py"), *args],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        if previous is not None:
+            os.umask(previous)
 
 
 def test_embeds_the_embedded_corpus_and_finds_a_document_by_its_text(retrieval_checkpoint, tmp_path):
@@ -40,8 +46,11 @@ def test_embeds_the_embedded_corpus_and_finds_a_document_by_its_text(retrieval_c
     query = corpus[100]
     out = tmp_path / "corpus.npy"
     proc = _run(f"--checkpoint={retrieval_checkpoint}", "--input=embedded", f"--output={out}",
-                f"--query={query}", "--query=how do I open a file", "--top_k=3", "--batch_size=32")
+                f"--query={query}", "--query=how do I open a file", "--top_k=3", "--batch_size=32",
+                umask=0o022)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in (out, tmp_path / "corpus.rows.jsonl"):  # the umask's mode, not mkstemp's 0600
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o644)
     vectors = np.load(out)
     assert vectors.shape == (N_EMBEDDED_DOCS, 32) and vectors.dtype == np.float32
     rows = [json.loads(line) for line in open(tmp_path / "corpus.rows.jsonl")]

@@ -1,5 +1,6 @@
 """The absl launches (`launch/pretrain.py`, `launch/finetune_glue.py`) as users run them: config
-file flags, `--config.x.y` overrides (every model field), `--workdir`, the multi-process flags."""
+file flags, `--config.x.y` overrides (every model field), `--workdir`, the multi-process flags;
+a run and its re-run, with its console and exit codes (issue 9: 1, 10)."""
 
 import dataclasses
 import json
@@ -12,26 +13,21 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from train_fixtures import ROOT, TINY, snapshot
 
 import m2jax
-from m2jax import trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from launch.distributed_flags import unknown_override  # noqa: E402
+from launch.common import unknown_override
+from m2jax.train import distributed
 
 PRETRAIN_VARIANTS = ["m2_base_80m", "m2_base_110m", "m2_large_260m", "m2_large_341m",
                      "m2_80m_2k", "m2_80m_8k", "m2_80m_32k", "smoke"]
 GLUE_VARIANTS = ["m2_base_80m", "m2_base_110m", "m2_large_260m", "m2_large_341m", "smoke"]
 
-O = "--config.model.overrides"
-TINY_FLAGS = [f"{O}.hidden_size=32", f"{O}.intermediate_size=64", f"{O}.num_hidden_layers=1",
-              f"{O}.hyena_filter_order=8", f"{O}.max_position_embeddings=32",
-              f"{O}.long_conv_l_max=32", "--config.checkpoint.async_save=False"]
+O = "--config.model"
+TINY_FLAGS = [f"{O}.{k}={v}" for k, v in TINY.items()] + ["--config.checkpoint.async_save=False"]
 
 
-def _launch(script, *args, timeout=240):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _launch(env, script, *args, timeout=600):
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -63,7 +59,7 @@ def _changed_value(kind, value):
         return value + 3
     if kind is float:
         return 0.375 if value != 0.375 else 0.25
-    return "xla_monarch" if value != "xla_monarch" else "xla_fft"
+    return value + "_changed"
 
 
 def _flag_text(value):
@@ -76,7 +72,7 @@ def _flag_text(value):
 def test_every_model_field_can_be_overridden_with_its_type(config_file, variant):
     import typing
 
-    default = _parse(config_file, variant).model.overrides
+    default = _parse(config_file, variant).model
     hints = typing.get_type_hints(m2jax.M2BertConfig)
     wanted = {}
     for field in dataclasses.fields(m2jax.M2BertConfig):
@@ -85,13 +81,13 @@ def test_every_model_field_can_be_overridden_with_its_type(config_file, variant)
         assert kind in (hints[field.name], *typing.get_args(hints[field.name])), field.name
         wanted[field.name] = _changed_value(kind, default[field.name])
     c = _parse(config_file, variant, *[f"{O}.{k}={_flag_text(v)}" for k, v in wanted.items()])
-    assert c.model.overrides.to_dict() == wanted
+    assert c.model.to_dict() == wanted
 
 
 def test_model_field_values_are_type_checked():
-    assert _parse("glue.py", "smoke", f"{O}.classifier_dropout=0.25").model.overrides \
+    assert _parse("glue.py", "smoke", f"{O}.classifier_dropout=0.25").model \
         .classifier_dropout == 0.25
-    assert _parse("pretrain.py", "smoke", f"{O}.hyena_w=7").model.overrides.hyena_w == 7.0
+    assert _parse("pretrain.py", "smoke", f"{O}.hyena_w=7").model.hyena_w == 7.0
     with pytest.raises(flags.IllegalFlagValueError, match="classifier_dropout=abc"):
         _parse("glue.py", "smoke", f"{O}.classifier_dropout=abc")
     with pytest.raises(flags.IllegalFlagValueError, match="hidden_size=1.5"):
@@ -103,7 +99,7 @@ def test_unknown_override_names_the_field():
     assert unknown_override(["launch", config, f"{O}.hidden_size=8"]) is None
     message = unknown_override(["launch", config, "--config.total_steps=3", f"{O}.hiden_size=8"])
     assert message.startswith(
-        "--config.model.overrides.hiden_size: config.model.overrides has no field 'hiden_size' "
+        "--config.model.hiden_size: config.model has no field 'hiden_size' "
         "(did you mean 'hidden_size'?)")
     assert "vocab_size" in message
     spec = config.split("=")[1]  # the two-argument form, `--config FILE:VARIANT`
@@ -111,59 +107,95 @@ def test_unknown_override_names_the_field():
     assert message.startswith("--config.optimzer.lr: config has no field 'optimzer'")
 
 
-def test_launch_reports_an_unknown_model_field_clearly():
-    proc = _launch("pretrain.py", "--config=configs/pretrain.py:smoke", "--workdir=unused",
-                   f"{O}.long_conv_implementaton=xla_monarch")
+def test_launch_reports_an_unknown_model_field_clearly(subprocess_env):
+    proc = _launch(subprocess_env, "pretrain.py", "--config=configs/pretrain.py:smoke",
+                   "--workdir=unused", f"{O}.long_conv_implementaton=monarch")
     assert proc.returncode == 1
-    assert ("FATAL Flags parsing error: --config.model.overrides.long_conv_implementaton: "
-            "config.model.overrides has no field 'long_conv_implementaton' (did you mean "
+    assert ("FATAL Flags parsing error: --config.model.long_conv_implementaton: "
+            "config.model has no field 'long_conv_implementaton' (did you mean "
             "'long_conv_implementation'?)") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
-# Both launches end to end on tiny settings; GLUE starts from the pretraining launch's output.
+# Pretraining run and re-run; GLUE from its export, run and re-run. The console of each.
+
+PRETRAIN_FLAGS = ["--config=configs/pretrain.py:smoke", *TINY_FLAGS,
+                  "--config.global_batch_size=8", "--config.total_steps=100",
+                  "--config.log_every=25", "--config.eval_every=50", "--config.eval_steps=1",
+                  "--config.checkpoint.every=50"]
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(tmp_path_factory):
+def pretrain_runs(tmp_path_factory, subprocess_env):
+    """The smoke launch run to the end, then run again on the same work directory."""
     workdir = str(tmp_path_factory.mktemp("launch") / "pretrain")
-    proc = _ok(_launch(
-        "pretrain.py", "--config=configs/pretrain.py:smoke", f"--workdir={workdir}", *TINY_FLAGS,
-        f"{O}.long_conv_implementation=xla_monarch", "--config.global_batch_size=8",
-        "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=2",
-        "--config.eval_steps=1", "--config.checkpoint.every=2"))
-    return workdir, proc
+    args = [*PRETRAIN_FLAGS, f"--workdir={workdir}"]
+    completed = _launch(subprocess_env, "pretrain.py", *args)
+    before = snapshot(workdir)
+    again = _launch(subprocess_env, "pretrain.py", *args)
+    return workdir, completed, (before, again)
 
 
-def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_run):
-    workdir, proc = pretrain_run
+def test_10_the_console_shows_each_line_once_without_library_noise(pretrain_runs):
+    """(The preempted launch's exit code, 75: tests/test_training_runs.py, through the same
+    `launch.common.run_and_report`.)"""
+    workdir, completed, _ = pretrain_runs
+    _ok(completed)
+    lines = (completed.stdout + completed.stderr).splitlines()
+    assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 100 steps of 8 rows")
+    assert re.match(r"step 1/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and first step "
+                    r"[\d.]+ s$", lines[1]), lines
+    progress = [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")]
+    assert progress == [1, 25, 50, 75, 100], lines
+    assert re.match(r"step 25/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
+                    r"\d\d:\d\d:\d\d$", lines[2]), lines
+    assert [x.split(":")[0] for x in lines if x.startswith("eval")] == \
+        ["eval at step 50", "eval at step 100"]
+    assert lines[-1].startswith("done: completed at step 100/100; eval mlm_loss ")
+    assert len(lines) == 1 + len(progress) + 2 + 1, lines  # nothing else: no library logs
+
+
+def test_01_rerunning_a_finished_launch_reports_its_results_and_changes_nothing(pretrain_runs):
+    workdir, completed, (before, again) = pretrain_runs
+    _ok(again)
+    assert snapshot(workdir) == before
+    assert again.stdout.splitlines()[-1] == completed.stdout.splitlines()[-1]
+    assert "finished before (step 100/100); its stored results stand" in again.stdout
+    assert again.stderr == ""
+
+
+def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_runs):
+    workdir, _, _ = pretrain_runs
     results = json.load(open(os.path.join(workdir, "results.json")))
-    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 4, 4)
-    assert [e["step"] for e in results["eval"]] == [2, 4]
-    assert "done: completed at step 4" in proc.stdout
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 100, 100)
+    assert [e["step"] for e in results["eval"]] == [50, 100]
+    assert [h["step"] for h in results["train"]] == [1, 25, 50, 75, 100]
+    assert [(a["start_step"], a["end_step"], a["status"]) for a in results["attempts"]] == [
+        (0, 100, "completed")]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]  # keep 2
     config = json.load(open(os.path.join(workdir, "config.json")))
-    assert config["model"]["overrides"]["long_conv_implementation"] == "xla_monarch"
-    assert config["total_steps"] == 4
+    assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 100
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
     assert isinstance(exported, m2jax.M2BertForMaskedLM)
     assert (exported.config.hidden_size, exported.config.vocab_size) == (32, 30528)
     assert m2jax.count_params(exported) == results["num_params"]
 
 
-def test_glue_launch_fine_tunes_the_pretraining_launchs_export(pretrain_run, tmp_path):
-    pretrain_dir, _ = pretrain_run
+def test_glue_launch_fine_tunes_the_pretraining_launchs_export_and_skips_it_when_done(
+        pretrain_runs, tmp_path, subprocess_env):
+    pretrain_dir = pretrain_runs[0]
     init = os.path.join(pretrain_dir, "final")
     # Without weight decay, embedding rows no input uses (the vocabulary's padding, 30522..)
     # get no update at all: they must still be the pretrained ones.
-    proc = _ok(_launch(
-        "finetune_glue.py", "--config=configs/glue.py:smoke", f"--workdir={tmp_path}",
-        *TINY_FLAGS, f"--config.init_from={init}", "--config.max_steps=3",
-        "--config.tasks.wnpos.batch_size=8", "--config.tasks.wnpos.optimizer.weight_decay=0.0"))
+    args = ["--config=configs/glue.py:smoke", f"--workdir={tmp_path}", *TINY_FLAGS,
+            f"--config.init_from={init}", "--config.max_steps=3",
+            "--config.tasks.wnpos.batch_size=8", "--config.tasks.wnpos.optimizer.weight_decay=0.0",
+            "--config.tensorboard=false"]
+    proc = _ok(_launch(subprocess_env, "finetune_glue.py", *args))
     results = json.load(open(tmp_path / "results.json"))
     assert list(results["task_scores"]) == ["wnpos"] and 0 <= results["task_scores"]["wnpos"] <= 1
-    assert "scores: wnpos" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("scores: wnpos ")
     run = json.load(open(tmp_path / "wnpos" / "seed_19" / "results.json"))
     assert (run["init_from"], run["step"], run["status"]) == (init, 3, "completed")
     assert os.listdir(tmp_path / "wnpos" / "seed_19" / "checkpoints") == ["3"]
@@ -175,11 +207,17 @@ def test_glue_launch_fine_tunes_the_pretraining_launchs_export(pretrain_run, tmp
         rows[30522:], pretrained.bert.embeddings.word_embeddings.embedding[...][30522:])
     assert not np.array_equal(rows[:30522], pretrained.bert.embeddings.word_embeddings
                               .embedding[...][:30522])  # and it did train
+    before = snapshot(tmp_path)
+    again = _ok(_launch(subprocess_env, "finetune_glue.py", *args))
+    assert snapshot(tmp_path) == before and "finished before" in again.stdout
+    assert again.stdout.splitlines()[-1] == proc.stdout.splitlines()[-1]
 
 
-def test_glue_launch_without_init_from_is_an_error(tmp_path):
-    proc = _launch("finetune_glue.py", "--config=configs/glue.py:smoke", f"--workdir={tmp_path}")
-    assert proc.returncode != 0
+def test_glue_launch_without_init_from_is_an_error(tmp_path, subprocess_env):
+    proc = _launch(subprocess_env, "finetune_glue.py", "--config=configs/glue.py:smoke",
+                   f"--workdir={tmp_path}")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert "error: invalid config:" in proc.stderr
     assert "config.init_from is empty" in proc.stderr and "'scratch'" in proc.stderr
 
 
@@ -199,14 +237,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_distributed_flags_reach_jax_distributed_initialize(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in trainer.CLUSTER_ENV_VARS}
+def test_distributed_flags_reach_jax_distributed_initialize(tmp_path, subprocess_env):
+    env = {k: v for k, v in subprocess_env.items() if k not in distributed.CLUSTER_ENV_VARS}
     proc = subprocess.run(
         [sys.executable, "-c", _RECORD_INITIALIZE, "launch/pretrain.py",
          "--config=configs/pretrain.py:smoke", f"--workdir={tmp_path}",
          "--coordinator_address=10.0.0.1:8476", "--num_processes=4", "--process_id=3"],
-        cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-        timeout=120)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("INITIALIZE "))
     assert json.loads(line[len("INITIALIZE "):]) == {"args": [], "kwargs": {
@@ -220,9 +257,9 @@ def test_distributed_flags_reach_jax_distributed_initialize(tmp_path):
     (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
      "--process_id must be in [0, 2) for --num_processes=2, got 2"),
 ])
-def test_launch_rejects_inconsistent_distributed_flags(args, message, tmp_path):
-    proc = _launch("finetune_glue.py", "--config=configs/glue.py:smoke", f"--workdir={tmp_path}",
-                   "--config.init_from=scratch", *args)
+def test_launch_rejects_inconsistent_distributed_flags(args, message, tmp_path, subprocess_env):
+    proc = _launch(subprocess_env, "finetune_glue.py", "--config=configs/glue.py:smoke",
+                   f"--workdir={tmp_path}", "--config.init_from=scratch", *args)
     assert proc.returncode == 1 and "FATAL Flags parsing error" in proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -230,24 +267,31 @@ def test_launch_rejects_inconsistent_distributed_flags(args, message, tmp_path):
 @pytest.fixture
 def calls(monkeypatch):
     recorded = []
-    monkeypatch.setattr(trainer.jax.distributed, "initialize",
+    monkeypatch.setattr(distributed.jax.distributed, "initialize",
                         lambda *a, **k: recorded.append((a, k)))
-    for name in trainer.CLUSTER_ENV_VARS:
+    monkeypatch.setattr(distributed, "on_tpu_vm", lambda: False)
+    for name in distributed.CLUSTER_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     return recorded
 
 
 def test_init_distributed_passes_the_flags(calls):
-    assert trainer.init_distributed("host0:1234", 2, 1) is True
+    assert distributed.init_distributed("host0:1234", 2, 1) is True
     assert calls == [((), {"coordinator_address": "host0:1234", "num_processes": 2,
                            "process_id": 1})]
 
 
 def test_init_distributed_single_process_and_cluster_environment(calls, monkeypatch):
-    assert trainer.init_distributed(None, None, None) is False and calls == []
+    assert distributed.init_distributed(None, None, None) is False and calls == []
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert trainer.init_distributed(None, None, None) is True
+    assert distributed.init_distributed(None, None, None) is True
     assert calls == [((), {})]  # jax.distributed reads the cluster's settings itself
+
+
+def test_a_tpu_vm_joins_its_pod_without_flags(calls, monkeypatch):
+    monkeypatch.setattr(distributed, "on_tpu_vm", lambda: True)
+    assert distributed.init_distributed(None, None, None) is True
+    assert calls == [((), {})]  # jax finds the pod's workers from the TPU VM's metadata
 
 
 @pytest.mark.parametrize("args,message", [
@@ -259,5 +303,5 @@ def test_init_distributed_single_process_and_cluster_environment(calls, monkeypa
 ])
 def test_init_distributed_rejects_bad_combinations(calls, args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        trainer.init_distributed(*args)
+        distributed.init_distributed(*args)
     assert calls == []

@@ -22,8 +22,8 @@ from m2jax.config import config_from_dict
 from m2jax.model import abstract_model
 from m2jax.optim import learning_rate_at, make_optimizer, warmup_linear_decay
 from m2jax.torch_names import torch_layout
-from m2jax.train_step import TrainState, make_train_step
-from m2jax.trainer import _optimizer_config
+from m2jax.train.jobs import optimizer_config
+from m2jax.train.step import TrainState, make_train_step
 from parity_weights import FIXTURES, base_state_dict, load_parity_model, parity_recipe, rel_l2
 
 import optimizer_recipe  # noqa: E402  (tests/fixtures, on the path via parity_weights)
@@ -123,14 +123,13 @@ HYPERPARAMETERS = (
 )
 
 
-def _recipe_optimizer_config(recipe: str, total_steps: int):
-    """The OptimizerConfig the trainer builds from configs/pretrain.py or, for GLUE's RTE (a
-    torch-AdamW task), configs/glue.py with the task's settings (as run_glue_task merges them)."""
+def _recipe_optimizer_config(recipe: str, total_steps: int, cfg):
+    """The OptimizerConfig the pretraining job builds from configs/pretrain.py or, for GLUE's
+    RTE (a torch-AdamW task), the GLUE job from configs/glue.py with the task's settings."""
     if recipe == "pretrain":
-        return _optimizer_config(pretrain_config.get_config(), total_steps)
+        return optimizer_config(pretrain_config.get_config().optimizer, total_steps, cfg)
     c = glue_config.get_config()
-    c.optimizer.update(dict(c.tasks.rte.optimizer))
-    return _optimizer_config(c, total_steps)
+    return optimizer_config({**c.optimizer, **c.tasks.rte.optimizer}, total_steps, cfg)
 
 
 def _recipe_model(name: str, model_cls):
@@ -159,7 +158,8 @@ def _as_params(holder, arrays: dict) -> nnx.State:
 )
 def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
     hp = json.loads(str(STEPS[f"{case}.hyperparameters"]))
-    cfg = _recipe_optimizer_config(recipe, hp["total_steps"])
+    model = _recipe_model(config_name, model_cls)
+    cfg = _recipe_optimizer_config(recipe, hp["total_steps"], model.config)
     # The recipe's defaults are the reference yaml's settings.
     assert {k: getattr(cfg, k) for k in HYPERPARAMETERS} == pytest.approx(hp)
     assert cfg.param_groups == "single"
@@ -170,7 +170,6 @@ def test_optimizer_steps_match_reference(case, recipe, config_name, model_cls):
         atol=1e-12,
     )
 
-    model = _recipe_model(config_name, model_cls)
     holder = abstract_model(model_cls, model.config)
     layout = torch_layout(holder)
     params = nnx.state(model, nnx.Param)

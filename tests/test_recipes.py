@@ -1,106 +1,52 @@
-"""The pretraining and GLUE recipes end to end on tiny models (in-process, one device)."""
+"""The recipes (configs/) and the model building of the jobs, on tiny models in-process."""
 
+import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from flax import nnx
+from train_fixtures import ROOT, TINY, glue_config, pretrain_config
 
 import m2jax
-from m2jax.recipes import run_glue, run_pretraining
-from m2jax.trainer import NonFiniteLossError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import glue as glue_config  # noqa: E402
-from configs import pretrain as pretrain_config  # noqa: E402
-
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, hyena_filter_order=8,
-            max_position_embeddings=32, long_conv_l_max=32)
+from configs import common
+from configs import glue as glue_recipes
+from configs import pretrain as pretrain_recipes
+from m2jax.train.errors import ConfigError
+from m2jax.train.init import build_model, copy_encoder, model_config
+from m2jax.train.jobs import run_glue, run_pretraining
 
 
-def _pretrain_config(**changes):
-    c = pretrain_config.get_config("smoke")
-    c.model.overrides.update(TINY)
-    c.global_batch_size, c.total_steps, c.log_every, c.eval_every, c.eval_steps = 8, 4, 2, 2, 1
-    c.checkpoint.every, c.checkpoint.async_save = 2, False
-    for k, v in changes.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pretrain"))
-    results = run_pretraining(_pretrain_config(), workdir)
-    return workdir, results
-
-
-def test_pretraining_writes_results_events_checkpoints_and_export(pretrained):
-    workdir, results = pretrained
+def test_pretraining_writes_results_events_checkpoints_config_and_export(tiny_pretraining):
+    workdir, results, config = tiny_pretraining
     assert results["status"] == "completed" and results["step"] == 4
     assert [e["step"] for e in results["eval"]] == [2, 4]
-    assert 0.0 <= results["final_eval"]["mlm_accuracy"] <= 1.0 and results["final_eval"]["mlm_loss"] > 0
-    assert [h["step"] for h in results["train"]] == [2, 4]
+    assert 0.0 <= results["final_eval"]["mlm_accuracy"] <= 1.0
+    assert results["final_eval"]["mlm_loss"] > 0
+    assert [h["step"] for h in results["train"]] == [1, 2, 4]  # the first step, then every 2
     assert json.load(open(os.path.join(workdir, "results.json")))["step"] == 4
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    stored = json.load(open(os.path.join(workdir, "config.json")))
+    assert stored["model"]["hidden_size"] == 32 and stored["data"] == config.data.to_dict()
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
     assert exported.config.hidden_size == 32 and m2jax.count_params(exported) == results["num_params"]
 
 
-def test_glue_recipe_fine_tunes_from_the_pretrained_export(pretrained, tmp_path):
-    workdir, _ = pretrained
-    c = glue_config.get_config("smoke")
-    c.model.overrides.update(TINY)
-    c.init_from = os.path.join(workdir, "final")
-    c.max_steps = 3
-    c.tasks.wnpos.batch_size = 8
-    c.eval_batch_size = 64
-    results = run_glue(c, str(tmp_path))
-    score = results["task_scores"]["wnpos"]
-    assert 0.0 <= score <= 1.0 and list(results["per_seed"]) == ["wnpos"]
-    run = json.load(open(tmp_path / "wnpos" / "seed_19" / "results.json"))
-    assert run["init_from"] == c.init_from and run["step"] == 3
-    assert set(run["final_eval"]) >= {"validation/accuracy", "score"}
-    model = m2jax.from_pretrained(str(tmp_path / "wnpos" / "seed_19" / "final"))
-    assert isinstance(model, m2jax.M2BertForSequenceClassification) and model.config.num_labels == 2
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    c = _pretrain_config(**{"optimizer.lr": 1e30, "optimizer.warmup_fraction": 0.01,
-                            "optimizer.clip_norm": None, "checkpoint.every": 1, "log_every": 1,
-                            "total_steps": 6, "eval_steps": 0})
-    with pytest.raises(NonFiniteLossError, match="at step (\\d)") as e:
-        run_pretraining(c, str(tmp_path))
-    bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
-    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
-    assert saved == list(range(1, bad_step))
-
-
-def test_initialising_from_another_architecture_is_an_error(pretrained, tmp_path):
-    workdir, _ = pretrained
-    c = _pretrain_config(init_from=os.path.join(workdir, "final"))
-    c.model.overrides.hidden_size = 64
-    with pytest.raises(ValueError, match="hidden_size: 32 != 64"):
+def test_initialising_from_another_architecture_is_an_error(tiny_pretraining, tmp_path):
+    workdir, _, _ = tiny_pretraining
+    c = pretrain_config(init_from=os.path.join(workdir, "final"))
+    c.model.hidden_size = 64
+    with pytest.raises(ConfigError, match="config.init_from: .*hidden_size: 32 != 64"):
         run_pretraining(c, str(tmp_path))
 
 
-def test_fine_tuning_initialises_from_a_training_work_directory(pretrained):
+def test_fine_tuning_initialises_from_a_training_work_directory(tiny_pretraining):
     """`init_from` may name a pretraining work directory: its newest orbax checkpoint is used."""
-    from m2jax.trainer import build_model
-
-    workdir, _ = pretrained
-    c = glue_config.get_config("smoke")
-    c.model.overrides.update(TINY)
-    c.init_from = workdir
-    model = build_model(c, "classification")
+    workdir, _, _ = tiny_pretraining
+    c = glue_config()
+    model = build_model(model_config(c.model), "classification", 0, init_from=workdir)
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))  # same step-4 weights
     for a, b in zip(jax_leaves(nnx.state(model.bert.layers, nnx.Param)),
                     jax_leaves(nnx.state(exported.bert.layers, nnx.Param))):
@@ -116,6 +62,47 @@ def jax_leaves(tree):
 
 
 # ---------------------------------------------------------------------------------------------
+# Configs are plain data: their model tables are m2jax's named models.
+
+
+def test_config_files_import_nothing_of_m2jax():
+    import ast
+
+    for name in ("common.py", "pretrain.py", "glue.py"):
+        tree = ast.parse(open(os.path.join(ROOT, "configs", name)).read())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert imported <= {"ml_collections", "configs"}, (name, imported)
+
+
+@pytest.mark.parametrize("name", sorted(common.MODELS))
+def test_model_tables_are_the_named_model_configs(name):
+    """configs/common.py writes every field out; m2jax/config.py is where they are defined. The
+    tables differ only in the vocabulary (the reference's padding to 30528)."""
+    table = common.model(name).to_dict()
+    named = dataclasses.asdict(m2jax.get_model_config(name))
+    assert set(table) == set(named)
+    assert {k: v for k, v in table.items() if k != "vocab_size"} == \
+        {k: v for k, v in named.items() if k != "vocab_size"}
+    tokenizer = m2jax.config.TOKENIZER_VOCAB_SIZE
+    assert table["vocab_size"] == -(-tokenizer // 8) * 8 == 30528
+
+
+def test_every_model_field_is_in_every_recipe_with_its_type():
+    import typing
+
+    hints = typing.get_type_hints(m2jax.M2BertConfig)
+    for recipes in (pretrain_recipes, glue_recipes):
+        for variant in recipes.VARIANTS:
+            c = recipes.get_config(variant)
+            assert set(c.model) == set(hints), variant
+            model_config(c.model)  # every recipe's model builds
+            for name, hint in hints.items():
+                assert c.model.get_type(name) in (hint, *typing.get_args(hint)), (variant, name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Recipe chaining: vocabulary and architecture of the pretraining and GLUE recipes.
 
 SAME_SIZE = [("m2_base_80m", "m2_base_80m"), ("m2_base_110m", "m2_base_110m"),
@@ -124,17 +111,15 @@ SAME_SIZE = [("m2_base_80m", "m2_base_80m"), ("m2_base_110m", "m2_base_110m"),
 
 
 def _model_config(c):
-    return m2jax.get_model_config(c.model.name, **c.model.overrides)
+    return model_config(c.model)
 
 
 @pytest.mark.parametrize("pretrain_variant,glue_variant", SAME_SIZE)
 def test_glue_recipe_fits_the_full_size_pretraining_recipe(pretrain_variant, glue_variant):
     """At full size, on abstract models (no memory): copy_encoder's architecture check passes,
     and both use the reference's padded vocabulary, as the released checkpoints do."""
-    from m2jax.trainer import copy_encoder
-
-    source_cfg = _model_config(pretrain_config.get_config(pretrain_variant))
-    target_cfg = _model_config(glue_config.get_config(glue_variant))
+    source_cfg = _model_config(pretrain_recipes.get_config(pretrain_variant))
+    target_cfg = _model_config(glue_recipes.get_config(glue_variant))
     assert source_cfg.vocab_size == target_cfg.vocab_size == 30528
     source = m2jax.abstract_model(m2jax.M2BertForMaskedLM, source_cfg)
     target = m2jax.abstract_model(m2jax.M2BertForSequenceClassification, target_cfg)
@@ -147,16 +132,13 @@ def test_glue_recipe_fits_the_full_size_pretraining_recipe(pretrain_variant, glu
 def test_glue_recipe_initialises_from_the_pretraining_recipes_export(
         pretrain_variant, glue_variant, tmp_path):
     """Sizes shrunk, everything else (vocabulary, training additions) as the recipes set it."""
-    from m2jax.trainer import build_model
-
-    pre = pretrain_config.get_config(pretrain_variant)
-    pre.model.overrides.update(TINY)
-    source = build_model(pre, "mlm")
+    pre = pretrain_recipes.get_config(pretrain_variant)
+    pre.model.update(TINY)
+    source = build_model(model_config(pre.model), "mlm", pre.seed)
     m2jax.save_pretrained(source, str(tmp_path / "final"))
-    c = glue_config.get_config(glue_variant)
-    c.model.overrides.update(TINY)
-    c.init_from = str(tmp_path / "final")
-    model = build_model(c, "classification", num_labels=3)
+    c = glue_recipes.get_config(glue_variant)
+    c.model.update(TINY, num_labels=3)
+    model = build_model(model_config(c.model), "classification", 0, str(tmp_path / "final"))
     table = model.bert.embeddings.word_embeddings.embedding[...]
     assert table.shape == (30528, TINY["hidden_size"])
     np.testing.assert_array_equal(table, source.bert.embeddings.word_embeddings.embedding[...])
@@ -188,21 +170,18 @@ def _released_layout(path, model, kind):
 
 @pytest.mark.parametrize("kind", ["hf_directory", "composer_bare_file"])
 def test_glue_recipe_accepts_a_released_layout_checkpoint(kind, tmp_path):
-    from m2jax.trainer import build_model
-
     released = m2jax.M2BertForMaskedLM(
         m2jax.get_model_config("m2-bert-base-80m-released", **TINY), rngs=nnx.Rngs(5))
     path = _released_layout(str(tmp_path / "released"), released, kind)
-    c = glue_config.get_config("m2_base_80m")
-    c.model.overrides.update(TINY)
-    c.init_from = path
-    model = build_model(c, "classification")
+    c = glue_recipes.get_config("m2_base_80m")
+    c.model.update(TINY)
+    model = build_model(model_config(c.model), "classification", 0, path)
     np.testing.assert_array_equal(model.bert.embeddings.word_embeddings.embedding[...],
                                   released.bert.embeddings.word_embeddings.embedding[...])
     # The tokenizer's own size (what configs/glue.py:m2_base_110m used) cannot take it.
-    c.model.overrides.vocab_size = 30522
-    with pytest.raises(ValueError, match="vocab_size: 30528 != 30522"):
-        build_model(c, "classification")
+    c.model.vocab_size = 30522
+    with pytest.raises(ConfigError, match="vocab_size: 30528 != 30522"):
+        build_model(model_config(c.model), "classification", 0, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +227,7 @@ GLUE_MODELS = {"m2_base_80m": (768, True), "m2_base_110m": (960, False),
 
 @pytest.mark.parametrize("variant", sorted(GLUE_TABLES))
 def test_glue_variant_has_the_reference_hyper_parameters(variant):
-    c = glue_config.get_config(variant)
+    c = glue_recipes.get_config(variant)
     got = {task: (t.optimizer.lr, t.optimizer.weight_decay, t.optimizer.name, t.epochs)
            for task, t in c.tasks.items()}
     assert got == GLUE_TABLES[variant]
@@ -264,49 +243,17 @@ def test_glue_variant_has_the_reference_hyper_parameters(variant):
 
 
 # ---------------------------------------------------------------------------------------------
-# init_from and model.name.
+# init_from.
 
 
 def test_glue_without_init_from_is_an_error_and_scratch_is_the_opt_in(tmp_path):
-    from m2jax.recipes import glue_init_source
-    from m2jax.trainer import build_model
-
-    c = glue_config.get_config("smoke")
-    c.model.overrides.update(TINY)
+    c = glue_config()
     assert c.init_from == ""
-    with pytest.raises(ValueError, match="config.init_from is empty"):
+    with pytest.raises(ConfigError, match="config.init_from is empty.*'scratch'"):
         run_glue(c, str(tmp_path))
     assert os.listdir(tmp_path) == []  # refused before anything ran
-    c.init_from = "scratch"
-    assert glue_init_source(c) == "scratch"
-    scratch = build_model(c, "classification")
-    c.init_from = ""  # what pretraining uses for a random init: the same model
-    fresh = build_model(c, "classification")
+    scratch = build_model(model_config(c.model), "classification", 0, "scratch")
+    fresh = build_model(model_config(c.model), "classification", 0, "")  # pretraining's default
     for a, b in zip(jax_leaves(nnx.state(scratch, nnx.Param)),
                     jax_leaves(nnx.state(fresh, nnx.Param))):
         np.testing.assert_array_equal(a, b)
-
-
-def test_changing_model_name_alone_is_an_error():
-    from m2jax.trainer import build_model
-
-    c = _pretrain_config()
-    c.model.name = "m2-bert-large-341m"
-    with pytest.raises(ValueError, match="config.model.name is 'm2-bert-large-341m' but"):
-        build_model(c, "mlm")
-
-
-def test_model_section_lists_every_field_typed():
-    import dataclasses
-
-    from m2jax.recipes import model_section, padded_vocab_size
-
-    assert padded_vocab_size() == 30528 and padded_vocab_size(30528) == 30528
-    section = model_section("m2-bert-base-80m", hidden_size=96)
-    fields = {f.name for f in dataclasses.fields(m2jax.M2BertConfig)}
-    assert set(section.overrides) == fields
-    assert section.overrides.hidden_size == 96 and section.overrides.classifier_dropout is None
-    assert section.overrides.get_type("classifier_dropout") is float
-    assert section.overrides.get_type("hyena_w") is float
-    with pytest.raises(ValueError, match="not M2BertConfig fields"):
-        model_section("m2-bert-base-80m", hidden_sise=96)

@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import m2jax
 from m2jax import sharding as shd
-from m2jax.checkpointing import Checkpointer
+from m2jax.train.checkpointing import Checkpointer
 from m2jax.filters import FilterConstant
 
 DRIVER = os.path.join(os.path.dirname(__file__), "drivers", "sharding_driver.py")
@@ -233,13 +233,20 @@ def test_split_merged_and_restored_states_keep_axes_and_types(tmp_path):
     # A checkpoint restored into an abstract target, as the trainer does.
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     state = jax.device_put(params, shd.state_shardings(params, mesh))
-    ckpt = Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
-    ckpt.save(1, {"params": state}, {"epoch": 0}, force=True)
+    import grain
+    from etils import epath
+
+    def batches():
+        return iter(grain.MapDataset.range(4).to_iter_dataset())
+
+    ckpt = Checkpointer(epath.Path(tmp_path), keep=1, async_save=False)
+    ckpt.save(1, {"params": state}, batches())
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
-    restored, _ = ckpt.restore(1, {"params": target})
+    step, restored = ckpt.restore_latest({"params": target}, batches())
     ckpt.close()
+    assert step == 1
     assert _signature(restored["params"]) == _signature(params)
     assert jax.tree.leaves(shd.state_shardings(restored["params"], mesh)) == jax.tree.leaves(
         shd.state_shardings(params, mesh)
@@ -297,3 +304,30 @@ def test_flax_reads_the_same_axes_under_the_same_rules():
         theirs = jax.tree.leaves(nnx.get_partition_spec(state))
     ours = [s.spec for s in jax.tree.leaves(shd.state_shardings(state, _mesh()))]
     assert len(ours) == len(theirs) == 58 and ours == theirs
+
+
+def test_the_recipes_axis_rules_are_the_library_defaults_and_decide_the_train_state():
+    """`config.axis_rules` (plain data in configs/) is what the training jobs shard by:
+    `m2jax.train.state.param_shardings` is the one place, and other rules change the layout."""
+    from configs import common, glue, pretrain
+    from m2jax.train.errors import ConfigError
+    from m2jax.train.state import param_shardings
+
+    assert tuple(map(tuple, common.AXIS_RULES)) == shd.DEFAULT_AXIS_RULES
+    for c in (pretrain.get_config("smoke"), glue.get_config("smoke")):
+        assert tuple(map(tuple, c.axis_rules)) == shd.DEFAULT_AXIS_RULES
+    params = nnx.state(
+        m2jax.abstract_model(m2jax.M2BertForMaskedLM, m2jax.get_model_config("tiny")), nnx.Param
+    )
+    mesh = _mesh(1, 2, 4)
+    kernel = lambda s: s["bert"]["layers"][0]["attention"]["in_linear"]["kernel"].get_value()
+    assert kernel(param_shardings(params, mesh, None)).spec == kernel(
+        shd.state_shardings(params, mesh)
+    ).spec
+    swapped = [(k, {"fsdp": "tensor", "tensor": "fsdp"}.get(v, v)) for k, v in common.AXIS_RULES]
+    default_spec = kernel(param_shardings(params, mesh, common.AXIS_RULES)).spec
+    swapped_spec = kernel(param_shardings(params, mesh, swapped)).spec
+    assert swapped_spec != default_spec
+    assert swapped_spec == P(*[{"fsdp": "tensor", "tensor": "fsdp"}.get(a, a) for a in default_spec])
+    with pytest.raises(ConfigError, match="config.axis_rules: .*no axis rule for its logical axis"):
+        param_shardings(params, mesh, [("embed", "fsdp")])

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import m2jax
-from m2jax.train_step import TrainState, make_train_step
+from m2jax.train.step import TrainState, make_train_step
 
 MOSAIC_CALL = "tpu_custom_call"
 FORWARD_KERNELS = ("m2_block_forward_kernel_dense", "m2_block_taps_to_spectrum_dense")

@@ -1,15 +1,19 @@
 """GLUE examples from tfds (`glue/<task>`) or the classic TSV folders, encoded for fine-tuning
 as the reference does: `[CLS] a [SEP] (b [SEP])`, token types 0/1, longest-first truncation,
-padded to `max_seq_len` (128), training order NOT shuffled unless asked.
+padded to `max_seq_len` (128), training order NOT shuffled unless asked. Batches come from a
+grain pipeline (shuffled by seed, epochs, batching) whose iterator state a checkpoint saves, like
+the pretraining batches. TSV folders are read through `etils.epath` (local or gs://).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
+from etils import epath
 
 from m2jax.data.glue_tasks import GlueTask, get_task
 from m2jax.data.skips import SkipLog
@@ -32,16 +36,22 @@ class RawExamples:
     skip_log: SkipLog
 
 
+def _is_labelled(split: str) -> bool:
+    """Training and dev splits carry labels; only test splits may lack them."""
+    return not split.startswith("test")
+
+
 def read_glue_tsv(task: GlueTask, split: str, root: str | pathlib.Path) -> RawExamples:
     """Reads `<root>/<TaskFolder>/<file>.tsv` (or `<root>/<file>.tsv` when root is the task folder).
 
-    Malformed rows (wrong field count, non-UTF-8 bytes, unknown label) are skipped with a counted
-    warning naming file:line; a missing header column or more than 10% bad rows raises.
+    Malformed rows (wrong field count, non-UTF-8 bytes, unknown label, a score that is not a
+    finite number) are skipped with a counted warning naming file:line; a missing header column
+    (the label column too, except in test files) or more than 10% bad rows raises.
     """
-    root = pathlib.Path(root)
+    root = epath.Path(root)
     folder = root / task.tsv_folder if (root / task.tsv_folder).is_dir() else root
     path = folder / task.tsv_file(split)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise FileNotFoundError(f"GLUE {task.name} {split}: {path} not found (expected the GLUE "
                                 f"layout <dir>/{task.tsv_folder}/{task.tsv_file(split)})")
     log = SkipLog(str(path))
@@ -60,8 +70,15 @@ def read_glue_tsv(task: GlueTask, split: str, root: str | pathlib.Path) -> RawEx
         if missing:
             raise ValueError(f"{path}:1: header lacks column(s) {missing}; header is {header}")
         text_cols = tuple(header.index(c) for c in task.tsv_text_columns)
-        # Test files carry no label column: their labels are -1, as in tfds.
-        label_col = header.index(task.tsv_label_column) if task.tsv_label_column in header else None
+        # Test files carry no label column: their labels are -1, as in tfds. A training or dev
+        # file without one is the wrong file (or a misnamed column), not unlabelled data.
+        if task.tsv_label_column in header:
+            label_col = header.index(task.tsv_label_column)
+        elif _is_labelled(split):
+            raise ValueError(f"{path}:1: no label column {task.tsv_label_column!r} in the "
+                             f"header of a {split} file; header is {header}")
+        else:
+            label_col = None
         n_fields, first_row = len(header), 1
     label_ids = None if task.tsv_label_values is None else {v: i for i, v in enumerate(task.tsv_label_values)}
     needed = max(text_cols + ((label_col,) if label_col is not None else ()))
@@ -83,6 +100,9 @@ def read_glue_tsv(task: GlueTask, split: str, root: str | pathlib.Path) -> RawEx
                 label = float(fields[label_col])
             except ValueError:
                 log.skip(f"label {fields[label_col]!r} is not a number", where)
+                continue
+            if not math.isfinite(label):
+                log.skip(f"label {fields[label_col]!r} is not a finite number", where)
                 continue
         elif fields[label_col] in label_ids:
             label = label_ids[fields[label_col]]
@@ -148,44 +168,54 @@ class GlueSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                drop_remainder: bool = False, pad_remainder: bool = False,
-                process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of one epoch: dicts of `input_ids`, `token_type_ids`, `attention_mask`
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                num_epochs: int | None = 1, drop_remainder: bool = False,
+                pad_remainder: bool = False, process_index: int = 0, process_count: int = 1):
+        """A grain iterator of batches over `num_epochs` epochs (None: endless), each epoch
+        `ceil(N / batch_size)` batches: dicts of `input_ids`, `token_type_ids`, `attention_mask`
         (int32 (b, L)) and `labels` ((b,)), b = batch_size // process_count, each host taking
         its slice of every global batch.
 
         The reference does not shuffle GLUE training data, hence `shuffle=False`; with shuffle
-        the order is a permutation drawn from (seed, epoch). `pad_remainder` fills the last
-        batch to full size with [PAD] rows labelled -1 and adds `example_mask` (1 real, 0 pad)
-        so evaluation keeps one static shape.
+        each epoch is a new permutation drawn from `seed` (grain's shuffle). `pad_remainder`
+        fills the last batch of an epoch to full size with [PAD] rows labelled -1 and adds
+        `example_mask` (1 real, 0 pad), so training and evaluation keep one static shape.
+        The iterator's `get_state()` / `set_state()` (orbax: `grain.checkpoint`) resume it
+        exactly.
         """
+        import grain
+
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} not divisible by process_count {process_count}")
-        order = np.arange(len(self))
+        rows = grain.MapDataset.range(len(self))
         if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(len(self))
+            rows = rows.shuffle(seed=seed)
+        # Batches of row indices, one epoch's worth, repeated (and reshuffled) per epoch.
+        ds = rows.batch(batch_size, drop_remainder=drop_remainder).repeat(num_epochs)
+        ds = ds.map(functools.partial(self._host_batch, batch_size, pad_remainder,
+                                      process_index, process_count))
+        return iter(ds.to_iter_dataset())
+
+    def _host_batch(self, batch_size: int, pad_remainder: bool, process_index: int,
+                    process_count: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """This host's rows of the global batch whose example indices are `idx`."""
+        idx = np.asarray(idx, np.int64)
+        if pad_remainder and len(idx) < batch_size:
+            idx = np.concatenate([idx, np.full(batch_size - len(idx), -1)])
         per_host = batch_size // process_count
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < batch_size and drop_remainder:
-                return
-            n_real = len(idx)
-            if pad_remainder and n_real < batch_size:
-                idx = np.concatenate([idx, np.full(batch_size - n_real, -1)])
-            valid = idx >= 0
-            host = slice(process_index * per_host, (process_index + 1) * per_host)
-            idx, valid = idx[host], valid[host]
-            safe = np.where(valid, idx, 0)
-            batch = {
-                "input_ids": np.where(valid[:, None], self.input_ids[safe], 0).astype(np.int32),
-                "token_type_ids": np.where(valid[:, None], self.token_type_ids[safe], 0).astype(np.int32),
-                "attention_mask": np.where(valid[:, None], self.attention_mask[safe], 0).astype(np.int32),
-                "labels": np.where(valid, self.labels[safe], -1).astype(self.labels.dtype),
-            }
-            if pad_remainder:
-                batch["example_mask"] = valid.astype(np.int32)
-            yield batch
+        host = slice(process_index * per_host, (process_index + 1) * per_host)
+        idx = idx[host]
+        valid = idx >= 0
+        safe = np.where(valid, idx, 0)
+        batch = {
+            "input_ids": np.where(valid[:, None], self.input_ids[safe], 0).astype(np.int32),
+            "token_type_ids": np.where(valid[:, None], self.token_type_ids[safe], 0).astype(np.int32),
+            "attention_mask": np.where(valid[:, None], self.attention_mask[safe], 0).astype(np.int32),
+            "labels": np.where(valid, self.labels[safe], -1).astype(self.labels.dtype),
+        }
+        if pad_remainder:
+            batch["example_mask"] = valid.astype(np.int32)
+        return batch
 
 
 def encode_examples(task: GlueTask, split: str, raw: RawExamples, tokenizer: BertWordPiece) -> GlueSplit:

@@ -1,12 +1,15 @@
-"""Runs a tiny pretraining job in its own process, for the trainer's multi-device tests.
+"""Runs a tiny pretraining job in its own process, the way launch/pretrain.py does (same job,
+same console, same exit codes), for the tests of whole runs.
 
   python tests/drivers/train_driver.py --workdir=W --devices=8 --mesh=2,2,2 [--hosts=2]
       [--process_id=I --num_processes=P --port=N] [--set key=value ...]
+      [--kill_after_checkpoint=S | --disk_full_after_checkpoint=S | --sigterm_at_step=S]
+      [--fake_gcs=ROOT --workdir=gs://bucket/run] [--then_load=INIT_FROM]
 
 --devices sets the number of fake CPU devices (must happen before jax is imported).
 --hosts=K in a single process feeds the concatenation of K simulated hosts' batches, i.e. the
 same global batches that K real processes (each reading its own shard) feed together.
-Prints the run's results.json path on its last line.
+Exits with the launch's exit code.
 """
 
 import argparse
@@ -16,21 +19,21 @@ import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 
 def tiny_config(overrides: list[str]):
-    sys.path.insert(0, ROOT)
     from configs import pretrain
 
     c = pretrain.get_config("smoke")
-    o = c.model.overrides
-    o.hidden_size, o.intermediate_size, o.num_hidden_layers, o.hyena_filter_order = 32, 64, 2, 8
-    o.max_position_embeddings = o.long_conv_l_max = 32
+    c.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, hyena_filter_order=8,
+                   max_position_embeddings=32, long_conv_l_max=32)
     c.global_batch_size, c.total_steps, c.log_every = 8, 6, 1
     c.eval_every, c.eval_steps = 0, 0
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 2, 3, False
     c.data.num_threads = 0
     c.export_final = False
+    c.tensorboard = False  # metrics.jsonl: TensorFlow's import is most of a short run's start
     for item in overrides:
         key, value = item.split("=", 1)
         node = c
@@ -41,26 +44,40 @@ def tiny_config(overrides: list[str]):
     return c
 
 
-class SigtermAt:
-    """Passes batches through; sends SIGTERM to this process when batch `step` is fetched."""
+class _Wrapped:
+    """A batch iterator around grain iterators, checkpointed by grain's orbax handler (which
+    stores a non-grain iterator's `get_state()` bytes)."""
 
-    def __init__(self, inner, step):
-        self._inner, self._step, self._n = inner, step, 0
+    def get_state(self) -> bytes:
+        return json.dumps(self._states()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._set_states(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+class SigtermAt(_Wrapped):
+    """Passes batches through; sends SIGTERM to this process when batch `n` is fetched."""
+
+    def __init__(self, inner, n):
+        self._inner, self._n, self._fetched = inner, n, 0
 
     def __next__(self):
-        self._n += 1
-        if self._n == self._step:
+        self._fetched += 1
+        if self._fetched == self._n:
             os.kill(os.getpid(), signal.SIGTERM)
         return next(self._inner)
 
-    def get_state(self):
+    def _states(self):
         return self._inner.get_state()
 
-    def set_state(self, state):
+    def _set_states(self, state):
         self._inner.set_state(state)
 
 
-class ConcatHosts:
+class ConcatHosts(_Wrapped):
     """One global batch from K host iterators, host 0's rows first (as make_array_from_process_
     local_data lays them out)."""
 
@@ -68,15 +85,40 @@ class ConcatHosts:
         self._its = iterators
 
     def __next__(self):
+        import numpy as np
+
         parts = [next(it) for it in self._its]
-        return {k: __import__("numpy").concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def get_state(self):
-        return {str(i): it.get_state() for i, it in enumerate(self._its)}
+    def _states(self):
+        return [it.get_state() for it in self._its]
 
-    def set_state(self, state):
-        for i, it in enumerate(self._its):
-            it.set_state(state[str(i)])
+    def _set_states(self, states):
+        for it, state in zip(self._its, states):
+            it.set_state(state)
+
+
+def _after_checkpoint(step: int, action) -> None:
+    """Runs `action()` once the checkpoint of `step` is completely written."""
+    from m2jax.train import checkpointing
+
+    save = checkpointing.Checkpointer.save
+
+    def save_then_act(self, s, *a, **k):
+        out = save(self, s, *a, **k)
+        if s == step:
+            self.wait()
+            action()
+        return out
+
+    checkpointing.Checkpointer.save = save_then_act
+
+
+def _fill_disk() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
 
 
 def main() -> None:
@@ -91,19 +133,27 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--kill_after_checkpoint", type=int, default=0,
                         help="SIGKILL this process right after the checkpoint of this step")
+    parser.add_argument("--disk_full_after_checkpoint", type=int, default=0,
+                        help="after the checkpoint of this step, let no file grow past 1 MB "
+                        "(RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk)")
     parser.add_argument("--sigterm_at_step", type=int, default=0,
                         help="send SIGTERM to this process while fetching this step's batch")
+    parser.add_argument("--fake_gcs", default="",
+                        help="serve gs:// from files under this folder (tests/fake_gcs.py)")
+    parser.add_argument("--then_load", default="",
+                        help="after the run, load this init_from source (m2jax.train.init) and "
+                        "print the sum of its word embeddings")
     args = parser.parse_args()
+    if args.fake_gcs:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import fake_gcs
+
+        fake_gcs.install(args.fake_gcs)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    if os.environ.get("M2JAX_TEST_COMPILE_CACHE"):
-        # The runs of one test session compile the same programs: share them on disk.
-        jax.config.update("jax_compilation_cache_dir", os.environ["M2JAX_TEST_COMPILE_CACHE"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     if args.num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
@@ -111,52 +161,38 @@ def main() -> None:
     d, f, t = (int(x) for x in args.mesh.split(","))
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = d, f, t
 
-    from m2jax.recipes import run_pretraining
+    import m2jax.data
+    from launch.common import run_and_report
+    from m2jax.train import console, jobs
 
+    console.configure_logging(None)
     if args.kill_after_checkpoint:
-        from m2jax import checkpointing
-
-        save = checkpointing.Checkpointer.save
-
-        def save_then_die(self, step, *a, **k):
-            out = save(self, step, *a, **k)
-            if step == args.kill_after_checkpoint:
-                self.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-
-        checkpointing.Checkpointer.save = save_then_die
+        _after_checkpoint(args.kill_after_checkpoint, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    if args.disk_full_after_checkpoint:
+        _after_checkpoint(args.disk_full_after_checkpoint, _fill_disk)
     if args.sigterm_at_step:
-        from m2jax import trainer
+        loop = jobs.train_loop
 
-        loop = trainer.train_loop
+        def loop_with_sigterm(model, batches, *rest):
+            return loop(model, SigtermAt(batches, args.sigterm_at_step), *rest)
 
-        def loop_with_sigterm(config, workdir, spec, mesh):
-            spec.train_batches = SigtermAt(spec.train_batches, args.sigterm_at_step)
-            return loop(config, workdir, spec, mesh)
+        jobs.train_loop = loop_with_sigterm
+    if args.hosts > 1:
+        one_host = m2jax.data.pretrain_batches
 
-        import m2jax.recipes
+        def all_hosts(*a, process_index, process_count, **k):
+            return ConcatHosts([one_host(*a, process_index=i, process_count=args.hosts, **k)
+                                for i in range(args.hosts)])
 
-        m2jax.recipes.train_loop = loop_with_sigterm
+        m2jax.data.pretrain_batches = all_hosts
+    code = run_and_report(jobs.run_pretraining, c, args.workdir)
+    if args.then_load:
+        from m2jax.train.init import load_init_source, model_config
 
-    if args.hosts == 1:
-        results = run_pretraining(c, args.workdir)
-    else:
-        from m2jax import sharding as shd
-        from m2jax.data import pretrain_batches
-        from m2jax.trainer import RunSpec, build_model, train_loop
-
-        model = build_model(c, "mlm")
-        L = model.config.max_position_embeddings
-        hosts = ConcatHosts([pretrain_batches(
-            c.data.source, "train", max_seq_len=L, global_batch_size=c.global_batch_size,
-            mlm_probability=c.data.mlm_probability, seed=c.seed, shuffle=c.data.shuffle,
-            num_threads=0, process_index=i, process_count=args.hosts) for i in range(args.hosts)])
-        spec = RunSpec("mlm", model, hosts, c.total_steps, c.global_batch_size, L,
-                       lambda step, params: {})
-        results = train_loop(c, args.workdir, spec, shd.make_mesh(dict(c.mesh)))
-    print(json.dumps({"status": results["status"], "step": results["step"]}))
-    print(os.path.join(args.workdir, "results.json"))
+        source = load_init_source(args.then_load, model_config(c.model))
+        table = source.bert.embeddings.word_embeddings.embedding[...]
+        print(f"loaded {args.then_load}: word embeddings sum {float(table.sum())!r}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
-"""Metrics out of a training run: TensorBoard events, a console progress line, results.json."""
+"""The model-FLOP count of a training token and the devices' peak FLOP/s: the two halves of
+the model-FLOP utilisation (MFU) the progress line shows."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 import re
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 from flax import nnx
@@ -49,94 +46,6 @@ def total_peak_flops(devices: Sequence[Any] | None = None) -> float | None:
     """Summed peak FLOP/s of `devices` (default: all of the run's), None if any is unknown."""
     peaks = [device_peak_flops(d.device_kind) for d in (devices or jax.devices())]
     return None if any(p is None for p in peaks) else sum(peaks)
-
-
-def format_duration(seconds: float) -> str:
-    """`HH:MM:SS`, with a day count in front from 24 h on (`3d 05:00:00`): long runs take days."""
-    total = max(0, int(round(seconds)))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    clock = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {clock}" if days else clock
-
-
-class MetricWriter:
-    """TensorBoard event files through clu when it is installed (it needs tensorflow), else a
-    `metrics.jsonl` file; only process 0 writes."""
-
-    def __init__(self, workdir: str):
-        self._active = jax.process_index() == 0
-        self._clu = None
-        self._jsonl = None
-        if not self._active:
-            return
-        try:
-            from clu import metric_writers
-
-            self._clu = metric_writers.create_default_writer(
-                workdir, just_logging=False, asynchronous=False
-            )
-        except ImportError:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        if not self._active:
-            return
-        if self._clu is not None:
-            self._clu.write_scalars(step, dict(scalars))
-        else:
-            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-
-    def close(self) -> None:
-        if self._clu is not None:
-            self._clu.flush()
-            self._clu.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-
-
-class ProgressLine:
-    """`step 120/1000 | loss 6.3120 | lr 4.10e-04 | 18,432 tok/s | ETA 00:04:11 | MFU 41.0%`.
-
-    Rates are measured between consecutive updates (the first one only starts the clock, so
-    compilation never counts); MFU = achieved model FLOP/s / summed peak of `devices`, shown only
-    when every device's peak is known (`PEAK_FLOPS`).
-    """
-
-    def __init__(
-        self,
-        total_steps: int,
-        tokens_per_step: int,
-        flops_per_token: float,
-        *,
-        devices: Sequence[Any] | None = None,
-        clock: Callable[[], float] = time.perf_counter,
-    ):
-        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
-        self.flops_per_token = flops_per_token
-        self._peak = total_peak_flops(devices)
-        self._clock = clock
-        self._last_time, self._last_step = None, None
-
-    def update(self, step: int, loss: float, lr: float) -> dict[str, float]:
-        now = self._clock()
-        out = {"loss": loss, "lr": lr}
-        if self._last_time is not None and step > self._last_step:
-            rate = (step - self._last_step) * self.tokens_per_step / (now - self._last_time)
-            out["tokens_per_s"] = rate
-            eta = (self.total_steps - step) * self.tokens_per_step / rate
-            line = (
-                f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{rate:,.0f} tok/s | ETA {format_duration(eta)}"
-            )
-            if self._peak:
-                out["mfu"] = rate * self.flops_per_token / self._peak
-                line += f" | MFU {100 * out['mfu']:.1f}%"
-            logging.info(line)
-            print(line, flush=True)
-        self._last_time, self._last_step = now, step
-        return out
 
 
 def rfft_flops(n: int) -> float:
@@ -197,18 +106,5 @@ def _flop_counted_params(model: nnx.Module) -> tuple[int, int, int]:
     filter_inputs = sum(f.z.size + f.freq.size for f in filter_sets)
     heads = [bert.pooler, getattr(model, "classifier", None)]
     per_sequence = sum(count_params(h) for h in heads if h is not None)
-    per_token = (
-        count_params(model) - lookups + decoder - filter_mlps - filter_inputs - per_sequence
-    )
+    per_token = count_params(model) - lookups + decoder - filter_mlps - filter_inputs - per_sequence
     return per_token, per_sequence, filter_mlps
-
-
-def write_results(workdir: str, results: Mapping[str, Any]) -> str:
-    """`results.json` in `workdir` (process 0), written atomically."""
-    path = os.path.join(workdir, "results.json")
-    if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    return path

@@ -1,4 +1,4 @@
-"""Console progress line (rates, ETA, MFU), device peaks, and the model-FLOPs estimate."""
+"""Device peaks and the model-FLOPs estimate (m2jax/train/flops.py)."""
 
 import math
 from types import SimpleNamespace
@@ -10,35 +10,13 @@ from flax import nnx
 
 import m2jax
 from m2jax.losses import classification_loss, mlm_loss
-from m2jax.run_logging import (
-    ProgressLine,
-    device_peak_flops,
-    format_duration,
-    total_peak_flops,
-    training_flops_per_token,
-)
+from m2jax.train.flops import device_peak_flops, total_peak_flops, training_flops_per_token
 
 CFG = m2jax.get_model_config("tiny")  # V 128, H 32, I 64, 2 layers, L 16, filter order 8
 
 
-class FakeClock:
-    def __init__(self, *times: float):
-        self._times = iter(times)
-
-    def __call__(self) -> float:
-        return next(self._times)
-
-
 def _devices(kind: str, n: int) -> list[SimpleNamespace]:
     return [SimpleNamespace(device_kind=kind)] * n
-
-
-@pytest.mark.parametrize("seconds, text", [
-    (0, "00:00:00"), (59.6, "00:01:00"), (3599, "00:59:59"), (86399, "23:59:59"),
-    (86400, "1d 00:00:00"), (3 * 86400 + 5 * 3600, "3d 05:00:00"), (-5, "00:00:00"),
-])
-def test_durations_count_days_instead_of_wrapping_at_24_hours(seconds, text):
-    assert format_duration(seconds) == text
 
 
 @pytest.mark.parametrize("kind, peak", [
@@ -53,33 +31,6 @@ def test_device_peaks_match_whole_names(kind, peak):
 def test_total_peak_is_unknown_if_any_device_is():
     assert total_peak_flops(_devices("NVIDIA H100 80GB HBM3", 8)) == 8 * 989e12
     assert total_peak_flops(_devices("NVIDIA H100 80GB HBM3", 1) + _devices("cpu", 1)) is None
-
-
-def test_progress_line_reports_rate_eta_and_mfu_on_a_device_with_a_known_peak(capsys):
-    # The 70k-step recipe: 4096 x 128 tokens per step, 10 steps in 40 s on two H100s.
-    progress = ProgressLine(70_000, 4096 * 128, 6e8, devices=_devices("NVIDIA H100 80GB HBM3", 2),
-                            clock=FakeClock(100.0, 140.0))
-    # The first update only starts the clock (it would include compilation).
-    assert progress.update(10, 2.75, 8e-4) == {"loss": 2.75, "lr": 8e-4}
-    assert capsys.readouterr().out == ""
-    out = progress.update(20, 2.5, 8e-4)
-    rate = 10 * 4096 * 128 / 40.0
-    assert out["tokens_per_s"] == rate == 131_072
-    assert out["mfu"] == pytest.approx(rate * 6e8 / (2 * 989e12), rel=1e-12)  # 3.98%
-    # 69,980 steps left at 4 s each: 279,920 s = 3 days 5:45:20.
-    assert capsys.readouterr().out == (
-        "step 20/70000 | loss 2.5000 | lr 8.00e-04 | 131,072 tok/s | ETA 3d 05:45:20 | MFU 4.0%\n"
-    )
-
-
-def test_progress_line_omits_mfu_where_the_peak_is_unknown(capsys):
-    progress = ProgressLine(100, 1000, 1e9, clock=FakeClock(0.0, 2.0))  # this machine's CPUs
-    progress.update(10, 1.0, 1e-3)
-    out = progress.update(20, 0.5, 1e-3)
-    assert out == {"loss": 0.5, "lr": 1e-3, "tokens_per_s": 5000.0}
-    assert capsys.readouterr().out == (
-        "step 20/100 | loss 0.5000 | lr 1.00e-03 | 5,000 tok/s | ETA 00:00:16\n"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
