@@ -28,7 +28,7 @@ log "versions and device"
 
 log "kernel tests, compiled Triton kernels (limit 150 s)"
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/test_mixers.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels tests/test_mixers.py \
     > "$OUT/kernel_tests.log" 2>&1
   tests_rc=$?
   tail -n 15 "$OUT/kernel_tests.log"

@@ -52,10 +52,10 @@ log "versions and devices (dry run: $DRY_RUN)"
 
 if want kernel_tests; then
   if (( DRY_RUN )); then
-    stage kernel_tests 300 kernel_tests.log $PY -m pytest -q -p no:cacheprovider \
+    stage kernel_tests 300 kernel_tests.log $PY -m pytest -q -p no:cacheprovider -o addopts="" \
       tests/kernels/test_pallas_mosaic_tpu.py -k "test_real_kernels_lower_for_tpu and 128"
   else
-    stage kernel_tests 400 kernel_tests.log $PY -m pytest -q -p no:cacheprovider \
+    stage kernel_tests 400 kernel_tests.log $PY -m pytest -q -p no:cacheprovider -o addopts="" \
       tests/kernels/test_pallas_mosaic_tpu.py tests/kernels/test_api.py tests/test_tpu_lowering.py
   fi
 fi

@@ -99,7 +99,18 @@ def model(name: str, **changes) -> ml_collections.ConfigDict:
     unknown = sorted(set(changes) - set(BASE_MODEL))
     if unknown:
         raise ValueError(f"{unknown} are not model fields; the fields: {sorted(BASE_MODEL)}")
-    return ml_collections.ConfigDict({**BASE_MODEL, **MODELS[name], **changes})
+    fields = {**BASE_MODEL, **MODELS[name], **changes}
+    return ml_collections.ConfigDict({k: _own_copy(v) for k, v in fields.items()})
+
+
+def _own_copy(value):
+    # A placeholder is a FieldReference, and ConfigDicts share a reference they are given:
+    # setting `classifier_dropout` in one config would set it in every config built here.
+    if isinstance(value, config_dict.FieldReference):
+        copy = config_dict.placeholder(value.get_type())
+        copy.set(value.get())
+        return copy
+    return value
 
 
 def mesh() -> ml_collections.ConfigDict:

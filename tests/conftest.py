@@ -2,14 +2,29 @@
 
 import os
 
+import atexit
+import shutil
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session, this process and every subprocess it starts
+# (they inherit the environment): the tests compile the same tiny programs many times over (the
+# same model in several tests, each launch of a resumed run). A fresh folder each session, so no
+# test depends on an earlier one; removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="m2jax-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 import jax  # noqa: E402
 
 # XLA:CPU already computes float32 dots in float32; this keeps it so if defaults change.
 jax.config.update("jax_default_matmul_precision", "highest")
-
-import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -257,3 +257,15 @@ def test_glue_without_init_from_is_an_error_and_scratch_is_the_opt_in(tmp_path):
     for a, b in zip(jax_leaves(nnx.state(scratch, nnx.Param)),
                     jax_leaves(nnx.state(fresh, nnx.Param))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_configs_share_no_mutable_fields():
+    """Setting a field of one recipe's config leaves every other config as built."""
+    from configs import glue, pretrain
+
+    first = glue.get_config("smoke")
+    first.model.classifier_dropout = 0.25
+    for other in (glue.get_config("smoke"), pretrain.get_config("smoke"), common.model("m2-bert-base-80m")):
+        model = other.model if "model" in other else other
+        assert model.classifier_dropout is None
+    assert common.model("m2-bert-base-80m").get_type("classifier_dropout") is float

@@ -98,10 +98,11 @@ def test_04_a_divergent_update_never_reaches_a_checkpoint(tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    # lr 0 at step 1 (warm-up), 1e30 at step 2: that update is finite but diverges.
-    c = pretrain_config(**{"optimizer.lr": 1e30, "optimizer.warmup_fraction": 0.01,
+    # One warm-up step (int(0.25 * 4), as Composer): lr 0 at step 1, 1e30 at step 2: that
+    # update is finite but diverges.
+    c = pretrain_config(**{"optimizer.lr": 1e30, "optimizer.warmup_fraction": 0.25,
                            "optimizer.clip_norm": None, "checkpoint.every": 1,
-                           "total_steps": 3, "eval_steps": 0})
+                           "total_steps": 4, "eval_steps": 0})
     with pytest.raises(NonFiniteError, match=r"step (\d)") as e:
         run_pretraining(c, tmp_path)
     bad_step = int(re.search(r"step (\d)", str(e.value)).group(1))

@@ -88,12 +88,10 @@ def tiny_pretraining(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(tmp_path_factory):
-    """The environment for launches and drivers run as subprocesses: CPU, and one persistent
-    compilation cache for the whole session (the runs compile the same tiny programs)."""
-    cache = tmp_path_factory.mktemp("jax_compilation_cache")
+def subprocess_env():
+    """The environment for launches and drivers run as subprocesses: CPU, no XLA_FLAGS of the
+    parent, and the session's persistent compilation cache (tests/conftest.py; the runs compile
+    the same tiny programs)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["JAX_PLATFORMS"] = "cpu"
     return env
