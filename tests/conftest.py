@@ -1,8 +1,7 @@
 """Shared test settings: CPU only, float32 matmuls at full precision."""
 
-import os
-
 import atexit
+import os
 import shutil
 import tempfile
 
@@ -20,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
+
+# Fewer LLVM passes per compile (train_fixtures.FAST_COMPILE_FLAGS); subprocesses get them too.
+from train_fixtures import FAST_COMPILE_FLAGS  # noqa: E402  (imports no jax)
+
+if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 import jax  # noqa: E402
 
@@ -42,3 +47,23 @@ def _temporary_files_under_pytest_basetemp(tmp_path_factory):
     tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
     yield
     tempfile.tempdir = previous
+
+
+# Files that take a minute or more of one worker (whole training runs in subprocesses, the
+# notebook, launches): started first, so that two pytest-xdist workers (pytest.ini) finish
+# together instead of one of them running a long file alone at the end.
+LONG_FILES = (
+    "test_training_runs.py",
+    "test_notebook.py",
+    "test_launch.py",
+    "test_run_semantics.py",
+    "test_trainer.py",
+    "test_checkpointing.py",
+    "test_embedder.py",
+    "test_recipes.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept

@@ -87,11 +87,17 @@ def tiny_pretraining(tmp_path_factory):
     return str(workdir), results, c
 
 
+# The suite is mostly XLA compiles of tiny programs: LLVM's optimisation passes are a fifth of
+# each compile and buy nothing at these sizes (XLA's own HLO passes still run; no fast-math
+# either way). tests/conftest.py sets them for the test processes, subprocess_env for the rest.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
 @pytest.fixture(scope="session")
 def subprocess_env():
-    """The environment for launches and drivers run as subprocesses: CPU, no XLA_FLAGS of the
-    parent, and the session's persistent compilation cache (tests/conftest.py; the runs compile
+    """The environment for launches and drivers run as subprocesses: CPU, no device-count
+    XLA_FLAGS of the parent (the drivers set their own), and the session's persistent compilation cache (tests/conftest.py; the runs compile
     the same tiny programs)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAGS)
     return env

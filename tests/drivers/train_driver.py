@@ -149,7 +149,9 @@ def main() -> None:
         import fake_gcs
 
         fake_gcs.install(args.fake_gcs)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
