@@ -16,8 +16,6 @@ correctness check.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
@@ -25,11 +23,10 @@ import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
-from make_parity_fixtures import import_reference  # noqa: E402
+from make_parity_fixtures import import_reference, load_saved_model  # noqa: E402
 
 
 def main() -> None:
@@ -43,13 +40,7 @@ def main() -> None:
     args = p.parse_args()
 
     bl, cb = import_reference(args.reference)
-    with open(os.path.join(args.checkpoint, "config.json")) as f:
-        config = cb.BertConfig(**json.load(f))
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = bl.BertForMaskedLM(config)
-    model.load_state_dict(load_file(os.path.join(args.checkpoint, "model.safetensors")),
-                          strict=True)
-    model.eval()
+    model = load_saved_model(bl, cb, args.checkpoint)
     ids = torch.from_numpy(np.load(args.ids)).long()
     types, mask = torch.zeros_like(ids), torch.ones_like(ids)
 

@@ -4,7 +4,6 @@ the data iterator's state goes through grain's handler, failed writes are one cl
 asynchronous saves inside the training loop are complete and resume exactly like synchronous
 ones."""
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from m2jax.train.checkpointing import Checkpointer
 from m2jax.train.errors import CheckpointError, CheckpointMismatchError, WorkdirError
 from m2jax.train.loop import LoopSettings, train_loop
 from m2jax.train.step import TrainState
+from train_fixtures import snapshot
 
 CFG = m2jax.get_model_config("tiny")
 
@@ -59,17 +59,6 @@ def _save(directory, states: dict[int, dict]) -> None:
     ckpt.close()
 
 
-def _snapshot(directory) -> dict[str, str]:
-    """Every file under `directory` and a hash of its bytes: proves nothing moved or changed."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def _model_train_state(cfg) -> TrainState:
     """A train state of the trainer's layout; zeros (from the abstract model) are enough here."""
     abstract = nnx.state(m2jax.abstract_model(m2jax.M2BertForMaskedLM, cfg), nnx.Param)
@@ -90,14 +79,14 @@ def test_restore_sets_the_data_iterator_to_its_saved_position(tmp_path):
 
 def test_shape_mismatch_is_an_error_naming_the_entry_and_keeps_both_checkpoints(tmp_path):
     _save(tmp_path, {1: _toy_state(1), 2: _toy_state(2)})
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     ckpt = _checkpointer(tmp_path)
     with pytest.raises(CheckpointMismatchError) as e:
         ckpt.restore_latest(_abstract(_toy_state(0, width=4)), _numbers())
     message = str(e.value)
     assert "step 2" in message and "params/w: checkpoint float32[3], current float32[4]" in message
     assert "another workdir" in message and "params/b" not in message  # only what differs
-    assert _snapshot(tmp_path) == before and ckpt.all_steps() == [1, 2]
+    assert snapshot(tmp_path) == before and ckpt.all_steps() == [1, 2]
     ckpt.close()
 
 
@@ -119,7 +108,7 @@ def test_missing_or_extra_parameters_are_an_error(tmp_path, saved_residual, curr
                                                   phrase):
     """`residual_long_conv` adds a second filter set per layer: a structure change."""
     _save(tmp_path, {2: _model_train_state(CFG.replace(residual_long_conv=saved_residual))})
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     current = _model_train_state(CFG.replace(residual_long_conv=current_residual))
     ckpt = _checkpointer(tmp_path)
     with pytest.raises(CheckpointMismatchError) as e:
@@ -128,7 +117,7 @@ def test_missing_or_extra_parameters_are_an_error(tmp_path, saved_residual, curr
     # 2 layers x (bias_D, freq, z, 2 MLPs of 7 arrays) = 34 params, each with Adam's mu and nu.
     assert "(102 differing entries)" in message and "... and 90 more" in message
     assert f"params/bert/layers/0/attention/filter_fn2/bias_D: {phrase}" in message
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     ckpt.close()
 
 
@@ -179,12 +168,12 @@ def test_no_readable_checkpoint_is_an_error_listing_them_unless_restarting(tmp_p
     _save(tmp_path, {1: _toy_state(1), 2: _toy_state(2)})
     _zero_every_file(tmp_path / "1" / "state")
     _truncate_array_data(tmp_path / "2" / "state")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     ckpt = _checkpointer(tmp_path)
     with pytest.raises(CheckpointError, match=r"(?s)no checkpoint in .* can be read:\n  step 1: "
                                               r".*\n  step 2: .*--restart"):
         ckpt.restore_latest(_abstract(_toy_state(0)), _numbers())
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     # --restart: set aside, start from scratch.
     assert ckpt.restore_latest(_abstract(_toy_state(0)), _numbers(), restart=True) is None
     assert sorted(os.listdir(tmp_path)) == ["1.unreadable-0", "2.unreadable-0"]
@@ -194,12 +183,12 @@ def test_no_readable_checkpoint_is_an_error_listing_them_unless_restarting(tmp_p
 def test_a_data_state_that_does_not_fit_the_pipeline_is_an_error_naming_it(tmp_path):
     _save(tmp_path, {3: _toy_state(3)})
     (tmp_path / "3" / "data" / "process_0-of-1.json").write_text(json.dumps({"foo": 1}))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     ckpt = _checkpointer(tmp_path)
     with pytest.raises(CheckpointMismatchError, match=r"data iterator state saved at step 3 "
                                                       r"\(.*process_0-of-1.json\) does not fit"):
         ckpt.restore_latest(_abstract(_toy_state(0)), _numbers())
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     ckpt.close()
 
 
@@ -353,10 +342,10 @@ def test_async_checkpoints_are_complete_and_resume_like_synchronous_ones(sync_ru
 
 def test_resuming_with_another_model_config_is_refused_and_changes_nothing(sync_run):
     sync_dir, _ = sync_run
-    before = _snapshot(sync_dir)
+    before = snapshot(sync_dir)
     wider = LOOP_CFG.replace(intermediate_size=2 * LOOP_CFG.intermediate_size)
     with pytest.raises(CheckpointMismatchError, match=r"(?s)step 6 .*params/bert/layers/0/mlp/"
                                                       r"gated_layers/weight: checkpoint float32"
                                                       r"\[4, 32, 8\], current float32\[4, 64, 8\]"):
         _train(sync_dir, async_save=False, model_cfg=wider)
-    assert _snapshot(sync_dir) == before
+    assert snapshot(sync_dir) == before
