@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,15 @@ from flax import nnx
 from kernels.long_conv_block import ConvFilter, long_conv_block
 from m2jax.config import M2BertConfig
 from m2jax.filters import HyenaFilterSet
-from m2jax.monarch import blockdiag_matmul
+from m2jax.monarch import blockdiag_matmul, blockdiag_matmul_channels_first
 from m2jax.sharding import logical_axes
+
+class MixerFilters(NamedTuple):
+    """The long-convolution filters of one sequence mixer (`SequenceMixer.filters`)."""
+
+    gate: ConvFilter
+    residual: ConvFilter | None
+
 
 # The reference's `hyena_training_additions` LayerNorm is a default torch LayerNorm (spec section 0).
 ADDITIONS_LAYER_NORM_EPS = 1e-5
@@ -169,6 +177,14 @@ class BlockDiagLinear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
+    def channels_first(self, x_BxIxL: jax.Array) -> jax.Array:
+        """The same map on channels-first activations: (B, in, L) -> (B, out, L)."""
+        w = self.weight[...].astype(self.dtype)
+        y = blockdiag_matmul_channels_first(x_BxIxL.astype(self.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)[:, None]
+        return y
+
 
 class SequenceMixer(nnx.Module):
     """Gated bidirectional long convolution with a residual long convolution (spec 3.1, 3.6)."""
@@ -194,22 +210,45 @@ class SequenceMixer(nnx.Module):
         self.filter_fn2 = HyenaFilterSet(cfg, rngs=rngs) if cfg.residual_long_conv else None
         self.out_linear = dense(cfg, H, H, rngs, kernel_axes=("mlp", "embed"))
 
-    def __call__(self, u_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """(B, L, H) -> (B, L, H) in the compute dtype.
+    def __call__(
+        self,
+        u_BxLxH: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+        filters: MixerFilters | None = None,
+    ) -> jax.Array:
+        """(B, L, H) -> (B, L, H) in the compute dtype: `channels_first` between two transposes."""
+        y_BxHxL = self.channels_first(
+            jnp.swapaxes(u_BxLxH, 1, 2), dropout_rng=dropout_rng, filters=filters
+        )
+        return jnp.swapaxes(y_BxHxL, 1, 2)
 
-        Computed channels-first from the input projection to the output projection: the long
-        convolutions run along L (the last axis), x1, x2 and v are contiguous slices, and no
-        transposing copy of the 3H-wide activations is made (about 5% of a CPU forward at
-        L = 2048). Parameters keep their stored layouts.
+    def channels_first(
+        self,
+        u_BxHxL: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+        filters: MixerFilters | None = None,
+    ) -> jax.Array:
+        """(B, H, L) -> (B, H, L) in the compute dtype; what the encoder runs.
+
+        `filters`: this mixer's `filters(L)`, computed beforehand (the compiled inference call
+        reuses them across calls, `m2jax.filter_cache`); None computes them here.
+
+        Channels-first throughout: the projections are (out, in) x (in, L) matmuls, the long
+        convolutions run along L (the last axis), x1, x2 and v are contiguous slices, and the
+        residual convolution reads u as it comes. The (B, L, H) layout cost a transposing copy
+        of the block's output (about a tenth of the CPU forward at B = 1, L = 2048).
+        Parameters keep their stored layouts.
         """
         compute = jnp.dtype(self.cfg.dtype)
         rate = self.cfg.sequence_mixer_dropout_prob
         rng_v, rng_y = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         if self.layernorm is not None:
-            u_BxLxH = self.layernorm(u_BxLxH.astype(jnp.float32))
-        u_BxLxH = u_BxLxH.astype(compute)
-        H = u_BxLxH.shape[-1]
-        p_Bx3HxL = _project(u_BxLxH, self.in_linear, "blh,hc->bcl", compute)
+            u_BxHxL = layer_norm_over_channels(self.layernorm, u_BxHxL)
+        u_BxHxL = u_BxHxL.astype(compute)
+        H = u_BxHxL.shape[1]
+        p_Bx3HxL = _project_channels_first(u_BxHxL, self.in_linear, compute)
         s_Bx3HxL = short_causal_conv(
             p_Bx3HxL, self.short_conv_weight[...], self.short_conv_bias[...]
         )
@@ -217,35 +256,48 @@ class SequenceMixer(nnx.Module):
         if self.cfg.hyena_training_additions:
             # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
             x1 = dropout(x1, rate, rng_v)
-        y_BxHxL = self._long_conv_block(x1, x2, v, u_BxLxH).astype(compute)
+        if filters is None:
+            filters = self.filters(u_BxHxL.shape[2])
+        u_for_residual = None if filters.residual is None else u_BxHxL
+        y_BxHxL = long_conv_block(
+            x1, x2, v, filters.gate, u_for_residual, filters.residual,
+            implementation=self.cfg.long_conv_implementation,
+        ).astype(compute)
         if self.cfg.hyena_training_additions:
             y_BxHxL = dropout(y_BxHxL, rate, rng_y)
-        return _project(y_BxHxL, self.out_linear, "bhl,hk->blk", compute)
+        return _project_channels_first(y_BxHxL, self.out_linear, compute)
 
-    def _long_conv_block(
-        self, x1_BxHxL: jax.Array, x2_BxHxL: jax.Array, v_BxHxL: jax.Array, u_BxLxH: jax.Array
-    ) -> jax.Array:
-        """Steps 4-7 of spec 3.1 in one `kernels.long_conv_block` call; (B, H, L) out."""
-        L = v_BxHxL.shape[-1]
-        k_fwd, k_rev = self.filter_fn(L)
+    def filters(self, seq_len: int) -> MixerFilters:
+        """The block's filters for length L: the gate's `ConvFilter` (kernels (H, L) float32, D
+        (H,)) and the residual's (None without `residual_long_conv`). A function of the
+        parameters and L only, not of the input."""
+        k_fwd, k_rev = self.filter_fn(seq_len)
         gate = ConvFilter(k_fwd, k_rev, self.filter_fn.bias_D[...])
-        u_BxHxL, residual = None, None
-        if self.filter_fn2 is not None:
-            g_fwd, g_rev = self.filter_fn2(L)
-            u_BxHxL = jnp.swapaxes(u_BxLxH, 1, 2)
-            residual = ConvFilter(g_fwd, g_rev, self.filter_fn2.bias_D[...])
-        return long_conv_block(
-            x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual,
-            implementation=self.cfg.long_conv_implementation,
-        )
+        if self.filter_fn2 is None:
+            return MixerFilters(gate, None)
+        g_fwd, g_rev = self.filter_fn2(seq_len)
+        return MixerFilters(gate, ConvFilter(g_fwd, g_rev, self.filter_fn2.bias_D[...]))
+
+def _project_channels_first(x_BxIxL: jax.Array, linear: nnx.Linear, dtype: jnp.dtype) -> jax.Array:
+    """`linear` (kernel (in, out), bias (out,)) on channels-first activations: (B, out, L)."""
+    # Activations as the first operand: XLA:CPU then runs a plain (out, in) x (in, L) matmul;
+    # with the weight first it inserted a transposing copy of x (docs/perf.md).
+    y = jnp.einsum("bil,io->bol", x_BxIxL.astype(dtype), linear.kernel[...].astype(dtype))
+    return y + linear.bias[...].astype(dtype)[:, None]
 
 
-def _project(x: jax.Array, linear: nnx.Linear, subscripts: str, dtype: jnp.dtype) -> jax.Array:
-    """`linear` (kernel (in, out), bias (out,)) applied along `subscripts`, so that the output
-    can be channels-first ("blh,hc->bcl") or come back from it ("bhl,hk->blk")."""
-    y = jnp.einsum(subscripts, x.astype(dtype), linear.kernel[...].astype(dtype))
-    bias = linear.bias[...].astype(dtype)
-    return y + (bias[:, None] if subscripts.endswith("cl") else bias)
+def layer_norm_over_channels(ln: nnx.LayerNorm, x_BxHxL: jax.Array) -> jax.Array:
+    """`ln` (its scale, bias and epsilon) normalising axis 1 of (B, H, L): float32 (B, H, L).
+
+    Mean and variance in float32, the variance as the mean squared deviation (two passes, as
+    torch's LayerNorm), spec section 8.
+    """
+    x = x_BxHxL.astype(jnp.float32)
+    mean = jnp.mean(x, axis=1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + ln.epsilon)
+    return y * ln.scale[...].astype(jnp.float32)[:, None] + ln.bias[...].astype(jnp.float32)[:, None]
 
 
 class GLUDimensionMixer(nnx.Module):
@@ -277,10 +329,25 @@ class GLUDimensionMixer(nnx.Module):
         self.layernorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 
     def __call__(self, x_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """(B, L, H) -> float32 (B, L, H): `channels_first` between two transposes."""
+        y_BxHxL = self.channels_first(jnp.swapaxes(x_BxLxH, 1, 2), dropout_rng=dropout_rng)
+        return jnp.swapaxes(y_BxHxL, 1, 2)
+
+    def channels_first(
+        self, x_BxHxL: jax.Array, *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        """(B, H, L) -> float32 (B, H, L); what the encoder runs.
+
+        Channels-first, each block of both block-diagonal layers is a plain (out, in) x (in, L)
+        matmul on a contiguous slab of rows, and the GELU and gate halves are contiguous too:
+        the (B, L, H) layout needed a transposing copy of the 3072-wide activations before `wo`.
+        """
         I = self.cfg.intermediate_size
-        g_BxLx2I = self.gated_layers(x_BxLxH)
+        g_Bx2IxL = self.gated_layers.channels_first(x_BxHxL)
         # The split is on the flattened output: blocks 0..nb/2-1 feed the gelu branch.
-        a_BxLxI = jax.nn.gelu(g_BxLx2I[..., :I], approximate=False) * g_BxLx2I[..., I:]
-        a_BxLxI = dropout(a_BxLxI, self.cfg.hidden_dropout_prob, dropout_rng)
-        o_BxLxH = self.wo(a_BxLxI)
-        return self.layernorm(o_BxLxH.astype(jnp.float32) + x_BxLxH.astype(jnp.float32))
+        a_BxIxL = jax.nn.gelu(g_Bx2IxL[:, :I], approximate=False) * g_Bx2IxL[:, I:]
+        a_BxIxL = dropout(a_BxIxL, self.cfg.hidden_dropout_prob, dropout_rng)
+        o_BxHxL = self.wo.channels_first(a_BxIxL)
+        return layer_norm_over_channels(
+            self.layernorm, o_BxHxL.astype(jnp.float32) + x_BxHxL.astype(jnp.float32)
+        )

@@ -9,7 +9,9 @@ Compiled by default: calling a model (`model(input_ids, token_type_ids=None,
 attention_mask=None)`) checks the inputs on the host (integer ids of shape (B, L) with
 L <= max_position_embeddings, ids within the vocabulary and token types, matching shapes) and
 then runs a cached compiled forward, one compile per input shape and dtype (`compiled_forward`).
-The model's current parameters are read at every call, so `nnx.update` is seen at once. Inside a
+The model's current parameters are read at every call, so `nnx.update` is seen at once. The
+long-convolution filters, which depend on the weights and L only, are computed once per set of
+weights and length and reused by later calls (`m2jax.filter_cache`, its memory use and limit). Inside a
 caller's own transformation (`jax.jit`, `nnx.jit`, `jax.grad`, ...: the inputs or the parameters
 are tracers) the call traces as ordinary code, and only the checks that need no values run
 (shape, dtype, length): the id ranges of traced ids cannot be checked there, and out-of-range ids
@@ -26,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2jax import filter_cache
 from m2jax.config import M2BertConfig, warn_if_shorter
-from m2jax.mixers import GLUDimensionMixer, SequenceMixer, dense, dropout, layer_norm
+from m2jax.mixers import GLUDimensionMixer, MixerFilters, SequenceMixer, dense, dropout, layer_norm
 from m2jax.sharding import logical_axes
 
 
@@ -91,18 +94,30 @@ def _compiled_call(method: str, module: nnx.Module, *args: Any) -> Any:
 
 
 def compiled_forward(module: nnx.Module, method: str, *args: Any) -> Any:
-    """``getattr(module, method)(*args)`` through one cached `jax.jit`, or traced in place.
+    """``getattr(module, method)(*args, filters)`` through one cached `jax.jit`, or traced in place.
 
     NNX modules are pytrees: the jit is keyed by the module's structure and static settings (its
     tree definition) and the shapes and dtypes of the arrays, so every model of one configuration
     shares one compile per input shape, and the parameters are arguments, read at every call
     (flattening the 80M model costs about 2 ms; `nnx.split` cost 15-20 ms). When the arguments or
     the module's arrays are tracers (the caller's own jit/grad), the method is called directly and
-    traces into the caller's computation.
+    traces into the caller's computation, filters included.
+
+    `module` is an `M2BertModel` or a model holding one as `.bert`; `args[0]` the ids (B, L);
+    `method` takes the encoder's filters (`M2BertModel.filters`) as its last argument: the
+    memoised ones (`filter_cache.memoised_filters`), or None to compute them in the forward.
     """
     if _is_traced((module, args)):
         return getattr(module, method)(*args)
-    return _compiled_call(method, module, *args)
+    bert = module if isinstance(module, M2BertModel) else module.bert
+    filters = filter_cache.memoised_filters(
+        bert, bert.filter_sources(), bert.cfg, args[0].shape[1], _encoder_filters
+    )
+    return _compiled_call(method, module, *args, filters)
+
+
+def _encoder_filters(bert: "M2BertModel", seq_len: int) -> tuple[MixerFilters, ...]:
+    return bert.filters(seq_len)
 
 
 class Embeddings(nnx.Module):
@@ -164,15 +179,27 @@ class Embeddings(nnx.Module):
 
 
 class M2Layer(nnx.Module):
-    """`layer(x) = DimMixer(SeqMixer(x))`; the only residual and norm are inside DimMixer."""
+    """`layer(x) = DimMixer(SeqMixer(x))`; the only residual and norm are inside DimMixer.
+
+    Channels-first: (B, H, L) in, float32 (B, H, L) out (the encoder keeps its activations so
+    between the embeddings and the output; see the mixers' `channels_first`).
+    """
 
     def __init__(self, cfg: M2BertConfig, *, rngs: nnx.Rngs):
         self.attention = SequenceMixer(cfg, rngs=rngs)
         self.mlp = GLUDimensionMixer(cfg, rngs=rngs)
 
-    def __call__(self, x_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        y = self.attention(x_BxLxH, dropout_rng=_fold(dropout_rng, 0))
-        return self.mlp(y, dropout_rng=_fold(dropout_rng, 1))
+    def __call__(
+        self,
+        x_BxHxL: jax.Array,
+        *,
+        dropout_rng: jax.Array | None = None,
+        filters: MixerFilters | None = None,
+    ) -> jax.Array:
+        y = self.attention.channels_first(
+            x_BxHxL, dropout_rng=_fold(dropout_rng, 0), filters=filters
+        )
+        return self.mlp.channels_first(y, dropout_rng=_fold(dropout_rng, 1))
 
 
 class M2BertModel(nnx.Module):
@@ -207,12 +234,29 @@ class M2BertModel(nnx.Module):
         input_ids_BxL: jax.Array,
         token_type_ids_BxL: jax.Array,
         dropout_rng: jax.Array | None = None,
+        filters: tuple[MixerFilters, ...] | None = None,
     ) -> jax.Array:
-        """The encoder's computation on checked inputs (ids and types int (B, L)): float32 (B, L, H)."""
-        x = self.embeddings(input_ids_BxL, token_type_ids_BxL, dropout_rng=_fold(dropout_rng, 0))
+        """The encoder's computation on checked inputs (ids and types int (B, L)): float32 (B, L, H).
+
+        `filters`: `self.filters(L)` computed beforehand, or None to compute them here.
+        """
+        e_BxLxH = self.embeddings(
+            input_ids_BxL, token_type_ids_BxL, dropout_rng=_fold(dropout_rng, 0)
+        )
+        # The layers run channels-first (`M2Layer`): one transpose in, one out.
+        x_BxHxL = jnp.swapaxes(e_BxLxH, 1, 2)
         for i, layer in enumerate(self.layers):
-            x = layer(x, dropout_rng=_fold(dropout_rng, i + 1))
-        return x.astype(jnp.float32)
+            layer_filters = None if filters is None else filters[i]
+            x_BxHxL = layer(x_BxHxL, dropout_rng=_fold(dropout_rng, i + 1), filters=layer_filters)
+        return jnp.swapaxes(x_BxHxL, 1, 2).astype(jnp.float32)
+
+    def filters(self, seq_len: int) -> tuple[MixerFilters, ...]:
+        """Every layer's long-convolution filters for length L (`SequenceMixer.filters`)."""
+        return tuple(layer.attention.filters(seq_len) for layer in self.layers)
+
+    def filter_sources(self) -> list[tuple[nnx.Module, nnx.Module | None]]:
+        """The sub-modules whose arrays `filters` reads: each layer's filter sets."""
+        return [(layer.attention.filter_fn, layer.attention.filter_fn2) for layer in self.layers]
 
     def pool(self, h_BxLxH: jax.Array, attention_mask_BxL: jax.Array) -> jax.Array:
         """`tanh(dense(p))`, p the first token's state or (`pool_all`) the mask-weighted mean."""
@@ -300,8 +344,10 @@ class _M2BertTask(nnx.Module):
         token_type_ids: jax.Array,
         attention_mask: jax.Array,
         dropout_rng: jax.Array | None = None,
+        filters: tuple[MixerFilters, ...] | None = None,
     ) -> jax.Array:
-        """The model's computation on checked, completed inputs (all int (B, L))."""
+        """The model's computation on checked, completed inputs (all int (B, L)); `filters` as in
+        `M2BertModel.encode`."""
         raise NotImplementedError
 
 
@@ -318,9 +364,11 @@ class M2BertForMaskedLM(_M2BertTask):
         self.bert = M2BertModel(cfg, add_pooler=False, rngs=rngs)
         self.cls = MLMHead(cfg, rngs=rngs)
 
-    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
+    def apply(
+        self, input_ids, token_type_ids, attention_mask, dropout_rng=None, filters=None
+    ) -> jax.Array:
         del attention_mask  # the reference's M2 encoder ignores it too
-        h_BxLxH = self.bert.encode(input_ids, token_type_ids, dropout_rng)
+        h_BxLxH = self.bert.encode(input_ids, token_type_ids, dropout_rng, filters)
         return self.cls(h_BxLxH, self.bert.embeddings.word_embeddings.embedding[...])
 
 
@@ -353,14 +401,18 @@ class M2BertForSequenceClassification(_M2BertTask):
         ids, types, mask = check_inputs(self.config, input_ids, token_type_ids, attention_mask)
         return compiled_forward(self, "apply_pooled", ids, types, mask, dropout_rng)
 
-    def apply_pooled(self, input_ids, token_type_ids, attention_mask, dropout_rng=None):
+    def apply_pooled(
+        self, input_ids, token_type_ids, attention_mask, dropout_rng=None, filters=None
+    ):
         """`pooled`'s computation on checked, completed inputs."""
         return _sentence_representation(
-            self.bert, input_ids, token_type_ids, attention_mask, _fold(dropout_rng, 0)
+            self.bert, input_ids, token_type_ids, attention_mask, _fold(dropout_rng, 0), filters
         )
 
-    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
-        p_BxH = self.apply_pooled(input_ids, token_type_ids, attention_mask, dropout_rng)
+    def apply(
+        self, input_ids, token_type_ids, attention_mask, dropout_rng=None, filters=None
+    ) -> jax.Array:
+        p_BxH = self.apply_pooled(input_ids, token_type_ids, attention_mask, dropout_rng, filters)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         if not cfg.use_cls_token:  # the reference skips dropout on the raw-CLS path
@@ -384,9 +436,11 @@ class M2BertForTextEncoding(_M2BertTask):
         self.config = cfg
         self.bert = M2BertModel(cfg, add_pooler=True, rngs=rngs)
 
-    def apply(self, input_ids, token_type_ids, attention_mask, dropout_rng=None) -> jax.Array:
+    def apply(
+        self, input_ids, token_type_ids, attention_mask, dropout_rng=None, filters=None
+    ) -> jax.Array:
         return _sentence_representation(
-            self.bert, input_ids, token_type_ids, attention_mask, dropout_rng
+            self.bert, input_ids, token_type_ids, attention_mask, dropout_rng, filters
         )
 
 
@@ -396,9 +450,10 @@ def _sentence_representation(
     token_type_ids: jax.Array,
     attention_mask: jax.Array,
     dropout_rng: jax.Array | None,
+    filters: tuple[MixerFilters, ...] | None = None,
 ) -> jax.Array:
     """Pooler output of `bert` (the raw first-token state when `use_cls_token`), float32 (B, H)."""
-    h_BxLxH = bert.encode(input_ids, token_type_ids, dropout_rng)
+    h_BxLxH = bert.encode(input_ids, token_type_ids, dropout_rng, filters)
     if bert.cfg.use_cls_token:
         return h_BxLxH[:, 0]
     return bert.pool(h_BxLxH, attention_mask)

@@ -8,8 +8,10 @@ The product runs as a batched matmul with the block axis LEADING, ``'knp,kpq->kn
 runs that at about 3x the rate of the same contraction with the block axis in the middle
 (``'nkp,kqp->nkq'``, 174 vs 59-66 GFLOP/s on the 2-core dev machine, docs/perf.md), and it is
 the canonical batch-major layout of a GPU/TPU batched GEMM. The transposes of the activations
-live inside the jitted computation, where XLA fuses them into the neighbouring ops; the stored
-weight layout does not change.
+live inside the jitted computation; the stored weight layout does not change.
+
+The encoder runs `blockdiag_matmul_channels_first` on channels-first activations (B, K*P, L):
+there each block is a contiguous slab of rows and needs no transposing copy at all.
 
 The DFT as a Monarch product (spec section 7) lives with the long convolution:
 `kernels.long_conv_block.xla_monarch`.
@@ -53,3 +55,22 @@ def blockdiag_matmul(x_NxI: Array, w_KxQxP: Array,
     x_KxNxP = jnp.moveaxis(x_NxI.reshape(-1, k, p), 1, 0)
     y_KxNxQ = jnp.einsum("knp,kqp->knq", x_KxNxP, w_KxQxP, precision=precision)
     return jnp.moveaxis(y_KxNxQ, 0, 1).reshape(*lead, k * q)
+
+
+def blockdiag_matmul_channels_first(x_BxIxL: Array, w_KxQxP: Array) -> Array:
+    """`blockdiag_matmul` on channels-first activations: (B, K*P, L) -> (B, K*Q, L).
+
+    ``y[b, k*Q + q, l] = sum_p w[k, q, p] * x[b, k*P + p, l]``, dtype the promotion of the
+    inputs. Block k of the input is the contiguous slab of rows ``k*P .. k*P + P - 1``, so each
+    block is a plain (Q, P) x (P, L) matmul with no transposing copy of the activations (with
+    B = 1 none at all; with B > 1 XLA moves whole length-L rows).
+    """
+    k, q, p = w_KxQxP.shape
+    b, i, l = x_BxIxL.shape
+    if i != k * p:
+        raise ValueError(
+            f"x's channel axis must be blocks*in_per_block = {k}*{p} = {k * p} for a weight of "
+            f"shape {tuple(w_KxQxP.shape)}; got x of shape {tuple(x_BxIxL.shape)}.")
+    # Activations as the first operand: with the weight first XLA:CPU transposed x to (K, L, P).
+    y_BxKxQxL = jnp.einsum("bkpl,kqp->bkql", x_BxIxL.reshape(b, k, p, l), w_KxQxP)
+    return y_BxKxQxL.reshape(b, k * q, l)

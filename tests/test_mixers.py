@@ -149,3 +149,15 @@ def test_mixer_dropout_only_when_rate_and_rng_given():
     active = SequenceMixer(cfg.replace(sequence_mixer_dropout_prob=0.5), rngs=nnx.Rngs(0))
     assert not np.allclose(active(u), active(u, dropout_rng=jax.random.key(1)))
     np.testing.assert_array_equal(active(u), inert(u))
+
+
+def test_layer_norm_over_channels_is_the_layer_norm_along_axis_1():
+    ln = nnx.LayerNorm(6, epsilon=1e-5, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ln.scale[...] = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    ln.bias[...] = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    x_BxHxL = jnp.asarray(3.0 + rng.standard_normal((2, 6, 5)), jnp.float32)
+    y = m2jax.mixers.layer_norm_over_channels(ln, x_BxHxL)
+    expected = jnp.swapaxes(ln(jnp.swapaxes(x_BxHxL, 1, 2)), 1, 2)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+

@@ -60,3 +60,17 @@ def test_blockdiag_matmul_rejects_mismatched_input():
         monarch.blockdiag_matmul(jnp.ones((5, 9)), w)
     with pytest.raises(ValueError, match="blocks, out_per_block, in_per_block"):
         monarch.blockdiag_matmul(jnp.ones((5, 8)), jnp.ones((8, 2)))
+
+
+@pytest.mark.parametrize("k,q,p,b,l", [(4, 3, 2, 2, 5), (1, 6, 6, 1, 7), (4, 8, 16, 3, 1)])
+def test_blockdiag_matmul_channels_first_is_the_same_map_along_axis_1(k, q, p, b, l):
+    rng = np.random.default_rng(2)
+    x_BxIxL = _normal(rng, (b, k * p, l))
+    w = _normal(rng, (k, q, p))
+    y = monarch.blockdiag_matmul_channels_first(x_BxIxL, w)
+    assert y.shape == (b, k * q, l) and y.dtype == jnp.float32
+    expected = monarch.blockdiag_matmul(jnp.swapaxes(x_BxIxL, 1, 2), w, precision=HIGHEST)
+    np.testing.assert_allclose(np.asarray(y), np.swapaxes(np.asarray(expected), 1, 2),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"{k}\*{p} = {k * p}"):
+        monarch.blockdiag_matmul_channels_first(_normal(rng, (b, k * p + 1, l)), w)
