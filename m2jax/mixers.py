@@ -171,18 +171,16 @@ class BlockDiagLinear(nnx.Module):
         )
         self.dtype = jnp.dtype(dtype)
 
-    def __call__(self, x_NxI: jax.Array) -> jax.Array:
-        y = blockdiag_matmul(x_NxI.astype(self.dtype), self.weight[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
-
-    def channels_first(self, x_BxIxL: jax.Array) -> jax.Array:
-        """The same map on channels-first activations: (B, in, L) -> (B, out, L)."""
+    def __call__(self, x: jax.Array, *, channels_first: bool = False) -> jax.Array:
+        """(..., in) -> (..., out); with `channels_first`, (B, in, L) -> (B, out, L)."""
         w = self.weight[...].astype(self.dtype)
-        y = blockdiag_matmul_channels_first(x_BxIxL.astype(self.dtype), w)
+        if channels_first:
+            y = blockdiag_matmul_channels_first(x.astype(self.dtype), w)
+        else:
+            y = blockdiag_matmul(x.astype(self.dtype), w)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)[:, None]
+            bias = self.bias[...].astype(self.dtype)
+            y = y + (bias[:, None] if channels_first else bias)
         return y
 
 
@@ -212,43 +210,32 @@ class SequenceMixer(nnx.Module):
 
     def __call__(
         self,
-        u_BxLxH: jax.Array,
+        u: jax.Array,
         *,
         dropout_rng: jax.Array | None = None,
         filters: MixerFilters | None = None,
+        channels_first: bool = False,
     ) -> jax.Array:
-        """(B, L, H) -> (B, L, H) in the compute dtype: `channels_first` between two transposes."""
-        y_BxHxL = self.channels_first(
-            jnp.swapaxes(u_BxLxH, 1, 2), dropout_rng=dropout_rng, filters=filters
-        )
-        return jnp.swapaxes(y_BxHxL, 1, 2)
-
-    def channels_first(
-        self,
-        u_BxHxL: jax.Array,
-        *,
-        dropout_rng: jax.Array | None = None,
-        filters: MixerFilters | None = None,
-    ) -> jax.Array:
-        """(B, H, L) -> (B, H, L) in the compute dtype; what the encoder runs.
+        """u (B, L, H) -> (B, L, H), or with `channels_first` (B, H, L) -> (B, H, L); compute dtype.
 
         `filters`: this mixer's `filters(L)`, computed beforehand (the compiled inference call
         reuses them across calls, `m2jax.filter_cache`); None computes them here.
 
-        Channels-first throughout: the projections are (out, in) x (in, L) matmuls, the long
-        convolutions run along L (the last axis), x1, x2 and v are contiguous slices, and the
-        residual convolution reads u as it comes. The (B, L, H) layout cost a transposing copy
-        of the block's output (about a tenth of the CPU forward at B = 1, L = 2048).
+        Channels-first from the input projection to the output projection in both layouts: the
+        long convolutions run along L (the last axis) and x1, x2 and v are contiguous slices.
+        With channels-first input (the encoder's layout at batch size 1, `M2BertModel.encode`)
+        the projections are plain (out, in) x (in, L) matmuls and nothing is transposed.
         Parameters keep their stored layouts.
         """
         compute = jnp.dtype(self.cfg.dtype)
         rate = self.cfg.sequence_mixer_dropout_prob
         rng_v, rng_y = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
         if self.layernorm is not None:
-            u_BxHxL = layer_norm_over_channels(self.layernorm, u_BxHxL)
-        u_BxHxL = u_BxHxL.astype(compute)
-        H = u_BxHxL.shape[1]
-        p_Bx3HxL = _project_channels_first(u_BxHxL, self.in_linear, compute)
+            u = _layer_norm(self.layernorm, u, channels_first)
+        u = u.astype(compute)
+        H = self.cfg.hidden_size
+        p_Bx3HxL = _project(u, self.in_linear, "bil,io->bol" if channels_first else "blh,hc->bcl",
+                            compute)
         s_Bx3HxL = short_causal_conv(
             p_Bx3HxL, self.short_conv_weight[...], self.short_conv_bias[...]
         )
@@ -257,15 +244,18 @@ class SequenceMixer(nnx.Module):
             # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
             x1 = dropout(x1, rate, rng_v)
         if filters is None:
-            filters = self.filters(u_BxHxL.shape[2])
-        u_for_residual = None if filters.residual is None else u_BxHxL
+            filters = self.filters(v.shape[2])
+        u_BxHxL = None
+        if filters.residual is not None:
+            u_BxHxL = u if channels_first else jnp.swapaxes(u, 1, 2)
         y_BxHxL = long_conv_block(
-            x1, x2, v, filters.gate, u_for_residual, filters.residual,
+            x1, x2, v, filters.gate, u_BxHxL, filters.residual,
             implementation=self.cfg.long_conv_implementation,
         ).astype(compute)
         if self.cfg.hyena_training_additions:
             y_BxHxL = dropout(y_BxHxL, rate, rng_y)
-        return _project_channels_first(y_BxHxL, self.out_linear, compute)
+        return _project(y_BxHxL, self.out_linear,
+                        "bil,io->bol" if channels_first else "bhl,hk->blk", compute)
 
     def filters(self, seq_len: int) -> MixerFilters:
         """The block's filters for length L: the gate's `ConvFilter` (kernels (H, L) float32, D
@@ -278,12 +268,19 @@ class SequenceMixer(nnx.Module):
         g_fwd, g_rev = self.filter_fn2(seq_len)
         return MixerFilters(gate, ConvFilter(g_fwd, g_rev, self.filter_fn2.bias_D[...]))
 
-def _project_channels_first(x_BxIxL: jax.Array, linear: nnx.Linear, dtype: jnp.dtype) -> jax.Array:
-    """`linear` (kernel (in, out), bias (out,)) on channels-first activations: (B, out, L)."""
-    # Activations as the first operand: XLA:CPU then runs a plain (out, in) x (in, L) matmul;
-    # with the weight first it inserted a transposing copy of x (docs/perf.md).
-    y = jnp.einsum("bil,io->bol", x_BxIxL.astype(dtype), linear.kernel[...].astype(dtype))
-    return y + linear.bias[...].astype(dtype)[:, None]
+def _project(x: jax.Array, linear: nnx.Linear, subscripts: str, dtype: jnp.dtype) -> jax.Array:
+    """`linear` (kernel (in, out), bias (out,)) applied along `subscripts`: into channels-first
+    ("blh,hc->bcl"), back from it ("bhl,hk->blk") or within it ("bil,io->bol")."""
+    # Activations as the first operand: then XLA:CPU runs "bil,io->bol" at B = 1 as a plain
+    # (out, in) x (in, L) matmul; with the weight first it inserted a transposing copy of x.
+    y = jnp.einsum(subscripts, x.astype(dtype), linear.kernel[...].astype(dtype))
+    bias = linear.bias[...].astype(dtype)
+    return y + (bias[:, None] if subscripts.endswith("l") else bias)
+
+
+def _layer_norm(ln: nnx.LayerNorm, x: jax.Array, channels_first: bool) -> jax.Array:
+    """`ln` over the channel axis: the last one, or axis 1 of (B, H, L); float32."""
+    return layer_norm_over_channels(ln, x) if channels_first else ln(x.astype(jnp.float32))
 
 
 def layer_norm_over_channels(ln: nnx.LayerNorm, x_BxHxL: jax.Array) -> jax.Array:
@@ -328,26 +325,20 @@ class GLUDimensionMixer(nnx.Module):
         )
         self.layernorm = layer_norm(cfg.layer_norm_eps, H, rngs)
 
-    def __call__(self, x_BxLxH: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """(B, L, H) -> float32 (B, L, H): `channels_first` between two transposes."""
-        y_BxHxL = self.channels_first(jnp.swapaxes(x_BxLxH, 1, 2), dropout_rng=dropout_rng)
-        return jnp.swapaxes(y_BxHxL, 1, 2)
-
-    def channels_first(
-        self, x_BxHxL: jax.Array, *, dropout_rng: jax.Array | None = None
+    def __call__(
+        self, x: jax.Array, *, dropout_rng: jax.Array | None = None, channels_first: bool = False
     ) -> jax.Array:
-        """(B, H, L) -> float32 (B, H, L); what the encoder runs.
+        """(B, L, H) -> float32 (B, L, H), or with `channels_first` (B, H, L) -> (B, H, L).
 
         Channels-first, each block of both block-diagonal layers is a plain (out, in) x (in, L)
-        matmul on a contiguous slab of rows, and the GELU and gate halves are contiguous too:
-        the (B, L, H) layout needed a transposing copy of the 3072-wide activations before `wo`.
+        matmul on a contiguous slab of rows and the GELU and gate halves are contiguous.
         """
         I = self.cfg.intermediate_size
-        g_Bx2IxL = self.gated_layers.channels_first(x_BxHxL)
+        g = self.gated_layers(x, channels_first=channels_first)
         # The split is on the flattened output: blocks 0..nb/2-1 feed the gelu branch.
-        a_BxIxL = jax.nn.gelu(g_Bx2IxL[:, :I], approximate=False) * g_Bx2IxL[:, I:]
-        a_BxIxL = dropout(a_BxIxL, self.cfg.hidden_dropout_prob, dropout_rng)
-        o_BxHxL = self.wo.channels_first(a_BxIxL)
-        return layer_norm_over_channels(
-            self.layernorm, o_BxHxL.astype(jnp.float32) + x_BxHxL.astype(jnp.float32)
-        )
+        gelu_half, gate_half = (g[:, :I], g[:, I:]) if channels_first else (g[..., :I], g[..., I:])
+        a = jax.nn.gelu(gelu_half, approximate=False) * gate_half
+        a = dropout(a, self.cfg.hidden_dropout_prob, dropout_rng)
+        o = self.wo(a, channels_first=channels_first)
+        return _layer_norm(self.layernorm, o.astype(jnp.float32) + x.astype(jnp.float32),
+                           channels_first)

@@ -161,3 +161,15 @@ def test_layer_norm_over_channels_is_the_layer_norm_along_axis_1():
     expected = jnp.swapaxes(ln(jnp.swapaxes(x_BxHxL, 1, 2)), 1, 2)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("additions", [False, True])
+def test_the_channels_first_layout_computes_the_same_mixers(additions):
+    """The encoder's layout at batch size 1, (B, H, L), against the sequence-major one."""
+    cfg = m2jax.get_model_config("tiny").replace(hyena_training_additions=additions)
+    rng = np.random.default_rng(1)
+    u_BxLxH = jnp.asarray(rng.standard_normal((2, 16, cfg.hidden_size)), jnp.float32)
+    mixer, mlp = SequenceMixer(cfg, rngs=nnx.Rngs(0)), GLUDimensionMixer(cfg, rngs=nnx.Rngs(1))
+    for module in (mixer, mlp):
+        cf = module(jnp.swapaxes(u_BxLxH, 1, 2), channels_first=True)
+        np.testing.assert_allclose(jnp.swapaxes(cf, 1, 2), module(u_BxLxH), rtol=2e-5, atol=2e-5)

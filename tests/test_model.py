@@ -181,6 +181,15 @@ def test_call_compiles_once_per_input_shape_and_equals_the_traced_path(mlm):
     assert _compiles() == before + 2
 
 
+def test_one_sequence_runs_channels_first_and_gives_the_batched_numbers(mlm):
+    """B = 1 takes the channels-first encoder path, B > 1 the sequence-major one: same rows."""
+    ids, types = _ids(B=2)
+    batched = mlm(ids, types)
+    for row in range(2):
+        single = mlm(ids[row:row + 1], types[row:row + 1])
+        np.testing.assert_allclose(single[0], batched[row], rtol=2e-5, atol=2e-5)
+
+
 def test_checks_run_on_the_host_before_compiling():
     model = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
     ids, types = _ids()
