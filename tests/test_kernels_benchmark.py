@@ -48,3 +48,23 @@ def test_benchmark_smoke_writes_valid_json(tmp_path):
     assert s["m2_L8192_over_L512"] is None  # those lengths were not run
     assert "pallas_triton_speedup_forward_L256" in s and "xla_monarch_speedup_forward_L128" in s
     assert "Summary:" in proc.stdout and "tokens/ms" in proc.stdout
+
+
+def test_cpu_vs_reference_times_both_calls_and_says_why_the_reference_is_missing(tmp_path):
+    """`benchmarks/cpu_vs_reference.py` on the tiny model without the reference's venv: the
+    default call and the call computing its filters every time, each with its repeats."""
+    out = tmp_path / "cvr.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_vs_reference.py"), "--model", "tiny",
+         "--shapes", "1x16,2x16", "--repeats", "2", "--out", str(out),
+         "--reference_python", str(tmp_path / "no-venv" / "python")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the PyTorch reference is not available" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["seq_len"]) for r in rows] == [(1, 16), (2, 16)]
+    for r in rows:
+        assert len(r["m2jax_times_ms"]) == 2 and r["m2jax_ms"] > 0
+        assert r["m2jax_filters_every_call_ms"] > 0
+        assert r["reference_note"].startswith("skipped: no PyTorch venv")
