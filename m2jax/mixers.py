@@ -268,6 +268,7 @@ class SequenceMixer(nnx.Module):
         g_fwd, g_rev = self.filter_fn2(seq_len)
         return MixerFilters(gate, ConvFilter(g_fwd, g_rev, self.filter_fn2.bias_D[...]))
 
+
 def _project(x: jax.Array, linear: nnx.Linear, subscripts: str, dtype: jnp.dtype) -> jax.Array:
     """`linear` (kernel (in, out), bias (out,)) applied along `subscripts`: into channels-first
     ("blh,hc->bcl"), back from it ("bhl,hk->blk") or within it ("bil,io->bol")."""
