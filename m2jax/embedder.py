@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2jax import filter_cache
 from m2jax.model import M2BertForTextEncoding
 
 Padding = Literal["max_length", "bucket"]
@@ -108,15 +109,19 @@ class Embedder:
         self.compiled_shapes: list[tuple[int, int]] = []
         graphdef, state = nnx.split(model)
 
-        def pooled(state, ids_BxL, mask_BxL):
+        def pooled(state, ids_BxL, mask_BxL, filters):
             self.compiled_shapes.append(tuple(ids_BxL.shape))  # runs once per traced shape
             encoder = nnx.merge(graphdef, state)
-            with warnings.catch_warnings():  # the shorter-input warning was given above
-                warnings.simplefilter("ignore")
-                return encoder(ids_BxL, jnp.zeros_like(ids_BxL), mask_BxL)
+            # The ids come from our tokenizer (checked there); `filters` as in `_filters_at`.
+            return encoder.apply(ids_BxL, jnp.zeros_like(ids_BxL), mask_BxL, None, filters)
+
+        def filters(state, length):
+            return nnx.merge(graphdef, state).bert.filters(length)
 
         self._state = state
         self._pooled = jax.jit(pooled)
+        self._compute_filters = jax.jit(filters, static_argnums=1)
+        self._filters: dict[int, Any] = {}
 
     @classmethod
     def from_pretrained(
@@ -209,8 +214,23 @@ class Embedder:
             pad_rows = np.full((fill, ids_BxL.shape[1]), self.tokenizer.pad_id, np.int32)
             ids_BxL = np.concatenate([ids_BxL, pad_rows])
             mask_BxL = np.concatenate([mask_BxL, np.zeros_like(pad_rows)])
-        pooled_BxH = self._pooled(self._state, jnp.asarray(ids_BxL), jnp.asarray(mask_BxL))
+        pooled_BxH = self._pooled(
+            self._state, jnp.asarray(ids_BxL), jnp.asarray(mask_BxL),
+            self._filters_at(ids_BxL.shape[1]),
+        )
         return np.asarray(pooled_BxH, np.float32)[:n]
+
+    def _filters_at(self, length: int) -> Any:
+        """The encoder's long-convolution filters for this padded length, computed once: the
+        embedder holds a snapshot of the weights, so they never change (`m2jax.filter_cache`
+        explains the saving). None, computed in every batch instead, once the filters of the
+        lengths seen would take more than `filter_cache.MAX_BYTES`."""
+        if length not in self._filters:
+            held = sum(filter_cache.filter_bytes(self.config, n) for n in self._filters)
+            if held + filter_cache.filter_bytes(self.config, length) > filter_cache.MAX_BYTES:
+                return None
+            self._filters[length] = self._compute_filters(self._state, length)
+        return self._filters[length]
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

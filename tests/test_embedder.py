@@ -119,6 +119,25 @@ def test_bucket_padding_compiles_once_per_bucket():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_filters_are_computed_once_per_length_and_change_nothing(monkeypatch):
+    model = _encoder(length=512)
+    texts = ["word " * n for n in (3, 200, 400, 5, 150, 1000, 10)]
+    with pytest.warns(UserWarning, match="differ from the reference"):
+        embedder = m2jax.Embedder(model, batch_size=2, padding="bucket")
+    lengths = []
+    compute = embedder._compute_filters
+    embedder._compute_filters = lambda state, n: (lengths.append(n), compute(state, n))[1]
+    out = embedder.embed(texts)
+    embedder.embed(texts)
+    assert sorted(lengths) == [128, 256, 512]  # once per bucket, across batches and calls
+    # Over the memory limit nothing is kept: the filters are computed inside every batch.
+    monkeypatch.setattr(m2jax.filter_cache, "MAX_BYTES", 0)
+    with pytest.warns(UserWarning, match="differ from the reference"):
+        unkept = m2jax.Embedder(model, batch_size=2, padding="bucket")
+    np.testing.assert_allclose(unkept.embed(texts), out, rtol=1e-6, atol=1e-6)
+    assert unkept._filters == {}
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_padding_invariance_only_where_the_model_has_it(bidirectional):
     """A causal (unidirectional) model's first-token state ignores trailing padding, so bucket
