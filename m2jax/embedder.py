@@ -226,8 +226,7 @@ class Embedder:
         explains the saving). None, computed in every batch instead, once the filters of the
         lengths seen would take more than `filter_cache.MAX_BYTES`."""
         if length not in self._filters:
-            held = sum(filter_cache.filter_bytes(self.config, n) for n in self._filters)
-            if held + filter_cache.filter_bytes(self.config, length) > filter_cache.MAX_BYTES:
+            if not filter_cache.within_limit(self.config, [*self._filters, length]):
                 return None
             self._filters[length] = self._compute_filters(self._state, length)
         return self._filters[length]

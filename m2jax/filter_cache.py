@@ -51,6 +51,11 @@ def filter_bytes(cfg: Any, seq_len: int) -> int:
     return cfg.num_hidden_layers * sets * per_set
 
 
+def within_limit(cfg: Any, seq_lens: list[int]) -> bool:
+    """Whether the filters of a model at all these lengths fit in `MAX_BYTES`."""
+    return sum(filter_bytes(cfg, n) for n in seq_lens) <= MAX_BYTES
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _compute(compute: Callable[[Any, int], Any], module: Any, seq_len: int) -> Any:
     return compute(module, seq_len)
@@ -75,7 +80,7 @@ def memoised_filters(
       The pytree of filters, or None when they are not memoised (over `MAX_BYTES`, or a source
       is not an immutable jax array); the caller then computes them inside its forward.
     """
-    if filter_bytes(cfg, seq_len) > MAX_BYTES:
+    if not within_limit(cfg, [seq_len]):
         _entries.pop(module, None)
         return None
     arrays = tuple(jax.tree.leaves(sources))

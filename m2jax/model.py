@@ -11,8 +11,8 @@ L <= max_position_embeddings, ids within the vocabulary and token types, matchin
 then runs a cached compiled forward, one compile per input shape and dtype (`compiled_forward`).
 The model's current parameters are read at every call, so `nnx.update` is seen at once. The
 long-convolution filters, which depend on the weights and L only, are computed once per set of
-weights and length and reused by later calls (`m2jax.filter_cache`, its memory use and limit). Inside a
-caller's own transformation (`jax.jit`, `nnx.jit`, `jax.grad`, ...: the inputs or the parameters
+weights and length and reused by later calls (`m2jax.filter_cache`: memory use and limit).
+Inside a caller's own transformation (`jax.jit`, `nnx.jit`, `jax.grad`, ...: the inputs or the parameters
 are tracers) the call traces as ordinary code, and only the checks that need no values run
 (shape, dtype, length): the id ranges of traced ids cannot be checked there, and out-of-range ids
 are then clamped by the embedding lookup instead of raising.
