@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from m2jax import filter_cache
-from m2jax.model import M2BertForTextEncoding
+from m2jax.model import M2BertForTextEncoding, lowering_platform
 
 Padding = Literal["max_length", "bucket"]
 # Texts tokenised per step: bounds host memory ((chunk, L) int32 ids) on long lists.
@@ -115,12 +115,13 @@ class Embedder:
             # The ids come from our tokenizer (checked there); `filters` as in `_filters_at`.
             return encoder.apply(ids_BxL, jnp.zeros_like(ids_BxL), mask_BxL, None, filters)
 
-        def filters(state, length):
-            return nnx.merge(graphdef, state).bert.filters(length)
+        def filters(state, length, platform):
+            return nnx.merge(graphdef, state).bert.reusable_filters(length, platform)
 
         self._state = state
+        self._platform = lowering_platform(jax.tree.leaves(state)[0])
         self._pooled = jax.jit(pooled)
-        self._compute_filters = jax.jit(filters, static_argnums=1)
+        self._compute_filters = jax.jit(filters, static_argnums=(1, 2))
         self._filters: dict[int, Any] = {}
 
     @classmethod
@@ -228,7 +229,7 @@ class Embedder:
         if length not in self._filters:
             if not filter_cache.within_limit(self.config, [*self._filters, length]):
                 return None
-            self._filters[length] = self._compute_filters(self._state, length)
+            self._filters[length] = self._compute_filters(self._state, length, self._platform)
         return self._filters[length]
 
 

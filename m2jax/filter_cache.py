@@ -13,6 +13,10 @@ are immutable) and is reused only while every one of them is still the one the m
 any update (`nnx.update`, `variable[...] = ...`, loading weights) recomputes it on the next call.
 Models holding a numpy array in a filter variable (mutable in place) are never memoised.
 
+What is kept is what the forward takes (`M2BertModel.reusable_filters`): where the XLA FFT path
+runs (CPU), each filter's FFT spectrum, so the forward also skips those FFTs; elsewhere the
+filters themselves.
+
 Memory: the filters take `filter_bytes(cfg, L)` bytes (about 300 MB for the 80M model at
 L = 2048, 19 MB at L = 128); one length is kept per model, and nothing is kept when that exceeds
 `MAX_BYTES` (then each call computes its filters, as under a caller's jit). Set `MAX_BYTES = 0`
@@ -34,6 +38,7 @@ MAX_BYTES = 1 << 30
 
 class _Entry(NamedTuple):
     seq_len: int
+    platform: str
     sources: tuple[Any, ...]  # the arrays the filters were computed from (identity matters)
     filters: Any
 
@@ -42,12 +47,13 @@ _entries: "weakref.WeakKeyDictionary[Any, _Entry]" = weakref.WeakKeyDictionary()
 
 
 def filter_bytes(cfg: Any, seq_len: int) -> int:
-    """Bytes of one model's filters at length L: per layer, per filter set (gate, and the
-    residual one with `residual_long_conv`), a forward and (bidirectional) a reverse float32
-    (H, L) kernel and the (H,) skip weight."""
+    """Bytes of one model's memoised filters at length L, the larger of their two forms
+    (`M2BertModel.reusable_filters`): per layer and filter set (gate, and the residual one with
+    `residual_long_conv`), either the float32 (H, L) forward and (bidirectional) reverse kernels
+    and the (H,) skip weight, or the complex64 (H, L + 1) spectrum the XLA FFT path takes."""
     sets = 1 + int(cfg.residual_long_conv)
     kernels = 1 + int(cfg.bidirectional)
-    per_set = (kernels * seq_len + 1) * cfg.hidden_size * 4
+    per_set = max((kernels * seq_len + 1) * 4, (seq_len + 1) * 8) * cfg.hidden_size
     return cfg.num_hidden_layers * sets * per_set
 
 
@@ -56,9 +62,10 @@ def within_limit(cfg: Any, seq_lens: list[int]) -> bool:
     return sum(filter_bytes(cfg, n) for n in seq_lens) <= MAX_BYTES
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _compute(compute: Callable[[Any, int], Any], module: Any, seq_len: int) -> Any:
-    return compute(module, seq_len)
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _compute(compute: Callable[[Any, int, str], Any], module: Any, seq_len: int,
+             platform: str) -> Any:
+    return compute(module, seq_len, platform)
 
 
 def memoised_filters(
@@ -66,16 +73,21 @@ def memoised_filters(
     sources: Any,
     cfg: Any,
     seq_len: int,
-    compute: Callable[[Any, int], Any],
+    compute: Callable[[Any, int, str], Any],
+    platform: str,
 ) -> Any | None:
-    """`compute(module, seq_len)` (compiled), reused while the arrays of `sources` are unchanged.
+    """`compute(module, seq_len, platform)` (compiled), reused while the arrays of `sources` are
+    unchanged.
 
     Args:
       module: what `compute` reads (an NNX module: a pytree of its arrays); the memo is kept per
         module object and dropped with it.
       sources: a pytree holding every array the result depends on (the filter sub-modules).
       cfg: the model config (`filter_bytes` sizes the result from it).
-      compute: a module-level function (it keys the compile), `compute(module, L) -> pytree`.
+      compute: a module-level function (it keys the compile),
+        `compute(module, L, platform) -> pytree`.
+      platform: where the forward that takes the result runs (the form of the filters may
+        depend on it, `M2BertModel.reusable_filters`).
     Returns:
       The pytree of filters, or None when they are not memoised (over `MAX_BYTES`, or a source
       is not an immutable jax array); the caller then computes them inside its forward.
@@ -90,13 +102,14 @@ def memoised_filters(
     if (
         entry is not None
         and entry.seq_len == seq_len
+        and entry.platform == platform
         and len(entry.sources) == len(arrays)
         and all(a is b for a, b in zip(entry.sources, arrays))
     ):
         return entry.filters
     _entries.pop(module, None)  # free the old memo before computing the new one
-    filters = _compute(compute, module, seq_len)
-    _entries[module] = _Entry(seq_len, arrays, filters)
+    filters = _compute(compute, module, seq_len, platform)
+    _entries[module] = _Entry(seq_len, platform, arrays, filters)
     return filters
 
 

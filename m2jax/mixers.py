@@ -9,17 +9,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.long_conv_block import ConvFilter, long_conv_block
+from kernels.long_conv_block import ConvFilter, FilterSpectrum, long_conv_block
 from m2jax.config import M2BertConfig
 from m2jax.filters import HyenaFilterSet
 from m2jax.monarch import blockdiag_matmul, blockdiag_matmul_channels_first
 from m2jax.sharding import logical_axes
 
 class MixerFilters(NamedTuple):
-    """The long-convolution filters of one sequence mixer (`SequenceMixer.filters`)."""
+    """The long-convolution filters of one sequence mixer (`SequenceMixer.filters`), or their
+    spectra where those are reused across calls (`M2BertModel.reusable_filters`)."""
 
-    gate: ConvFilter
-    residual: ConvFilter | None
+    gate: ConvFilter | FilterSpectrum
+    residual: ConvFilter | FilterSpectrum | None
 
 
 # The reference's `hyena_training_additions` LayerNorm is a default torch LayerNorm (spec section 0).

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.long_conv_block import prepare_filter
 from m2jax import filter_cache
 from m2jax.config import M2BertConfig, warn_if_shorter
 from m2jax.mixers import GLUDimensionMixer, MixerFilters, SequenceMixer, dense, dropout, layer_norm
@@ -111,13 +112,24 @@ def compiled_forward(module: nnx.Module, method: str, *args: Any) -> Any:
         return getattr(module, method)(*args)
     bert = module if isinstance(module, M2BertModel) else module.bert
     filters = filter_cache.memoised_filters(
-        bert, bert.filter_sources(), bert.cfg, args[0].shape[1], _encoder_filters
+        bert, bert.filter_sources(), bert.cfg, args[0].shape[1], _encoder_filters,
+        lowering_platform(bert.embeddings.word_embeddings.embedding[...]),
     )
     return _compiled_call(method, module, *args, filters)
 
 
-def _encoder_filters(bert: "M2BertModel", seq_len: int) -> tuple[MixerFilters, ...]:
-    return bert.filters(seq_len)
+def _encoder_filters(
+    bert: "M2BertModel", seq_len: int, platform: str
+) -> tuple[MixerFilters, ...]:
+    return bert.reusable_filters(seq_len, platform)
+
+
+def lowering_platform(array: jax.Array) -> str:
+    """The platform a jitted call on `array` lowers for: "cpu", "cuda", "rocm", "tpu", ..."""
+    device = next(iter(array.devices()))
+    if device.platform != "gpu":
+        return device.platform
+    return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
 
 
 class Embeddings(nnx.Module):
@@ -262,6 +274,17 @@ class M2BertModel(nnx.Module):
     def filters(self, seq_len: int) -> tuple[MixerFilters, ...]:
         """Every layer's long-convolution filters for length L (`SequenceMixer.filters`)."""
         return tuple(layer.attention.filters(seq_len) for layer in self.layers)
+
+    def reusable_filters(self, seq_len: int, platform: str) -> tuple[MixerFilters, ...]:
+        """`filters(L)` in the form the forward on `platform` takes best when they serve many
+        calls (`kernels.long_conv_block.prepare_filter`): the FFT spectra where the XLA FFT path
+        runs (two FFTs fewer per layer and call), else the filters as they are."""
+        prepare = functools.partial(prepare_filter, platform=platform, dtype=self.cfg.dtype,
+                                    implementation=self.cfg.long_conv_implementation)
+        return tuple(
+            MixerFilters(prepare(f.gate), None if f.residual is None else prepare(f.residual))
+            for f in self.filters(seq_len)
+        )
 
     def filter_sources(self) -> list[tuple[nnx.Module, nnx.Module | None]]:
         """The sub-modules whose arrays `filters` reads: each layer's filter sets."""

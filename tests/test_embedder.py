@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 import m2jax
+from kernels.long_conv_block import FilterSpectrum
 from m2jax.embedder import length_buckets
 from parity_weights import load_parity_model, rel_l2
 
@@ -126,10 +127,14 @@ def test_filters_are_computed_once_per_length_and_change_nothing(monkeypatch):
         embedder = m2jax.Embedder(model, batch_size=2, padding="bucket")
     lengths = []
     compute = embedder._compute_filters
-    embedder._compute_filters = lambda state, n: (lengths.append(n), compute(state, n))[1]
+    embedder._compute_filters = lambda state, n, platform: (
+        lengths.append(n), compute(state, n, platform))[1]
     out = embedder.embed(texts)
     embedder.embed(texts)
     assert sorted(lengths) == [128, 256, 512]  # once per bucket, across batches and calls
+    # On CPU it keeps what the XLA FFT path takes: the filters' spectra.
+    assert all(isinstance(f, FilterSpectrum)
+               for kept in embedder._filters.values() for m in kept for f in m)
     # Over the memory limit nothing is kept: the filters are computed inside every batch.
     monkeypatch.setattr(m2jax.filter_cache, "MAX_BYTES", 0)
     with pytest.warns(UserWarning, match="differ from the reference"):

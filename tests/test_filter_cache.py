@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import m2jax
+from kernels.long_conv_block import FilterSpectrum
 from m2jax import filter_cache
 
 CFG = m2jax.get_model_config("tiny")
@@ -34,9 +35,9 @@ def computations(monkeypatch):
     calls = []
     compute = filter_cache._compute
 
-    def counting(fn, module, seq_len):
+    def counting(fn, module, seq_len, platform):
         calls.append(seq_len)
-        return compute(fn, module, seq_len)
+        return compute(fn, module, seq_len, platform)
 
     monkeypatch.setattr(filter_cache, "_compute", counting)
     return calls
@@ -48,6 +49,9 @@ def test_filters_are_computed_once_and_recomputed_when_a_filter_weight_changes(c
     first = model(ids)
     second = model(_ids(seed=1))
     assert computations == [16]  # the second call reused the first one's filters
+    # On CPU the memo holds what the XLA FFT path takes: the filters' spectra.
+    kept = filter_cache._entries[model.bert].filters
+    assert all(isinstance(f, FilterSpectrum) for m in kept for f in m)
     np.testing.assert_array_equal(first, model(ids))
     np.testing.assert_allclose(first, _traced(model, ids), rtol=1e-6, atol=1e-6)
     assert not np.allclose(first, second)
@@ -92,13 +96,14 @@ def test_over_the_memory_limit_nothing_is_kept(computations, monkeypatch):
     assert computations == [16] and model.bert in filter_cache._entries
 
 
-def test_the_size_estimate_is_the_filters_size():
+def test_the_size_estimate_is_the_larger_form_of_the_filters():
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     for cfg in (CFG, CFG.replace(residual_long_conv=False), CFG.replace(bidirectional=False)):
         model = m2jax.model.M2BertModel(cfg, add_pooler=False, rngs=nnx.Rngs(0))
-        filters = model.filters(12)
-        assert filter_cache.filter_bytes(cfg, 12) == sum(
-            x.nbytes for x in jax.tree.leaves(filters)
-        )
+        as_they_are = nbytes(model.filters(12))
+        spectra = nbytes(model.reusable_filters(12, "cpu"))
+        assert as_they_are != spectra  # the FFT path's form is what CPU keeps
+        assert filter_cache.filter_bytes(cfg, 12) == max(as_they_are, spectra)
     base = m2jax.get_model_config("m2-bert-base-80m")
     assert filter_cache.filter_bytes(base, 2048) < filter_cache.MAX_BYTES  # the benchmark shapes
 

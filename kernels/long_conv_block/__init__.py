@@ -15,14 +15,17 @@ from kernels.long_conv_block.api import (
     auto_choice,
     implementation_module,
     long_conv_block,
+    prepare_filter,
 )
-from kernels.long_conv_block.base import ConvFilter
+from kernels.long_conv_block.base import ConvFilter, FilterSpectrum
 
 __all__ = [
     "AUTO_PREFERENCES",
     "ConvFilter",
+    "FilterSpectrum",
     "IMPLEMENTATIONS",
     "auto_choice",
     "implementation_module",
     "long_conv_block",
+    "prepare_filter",
 ]

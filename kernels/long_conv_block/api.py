@@ -20,6 +20,10 @@
 Every implementation module has ``long_conv_block(x1, x2, v, gate, u=None, residual=None)`` and
 ``supports(seq_len, dtype)``; adding one is one line in `_MODULES` (and, for `auto`, in
 `AUTO_PREFERENCES`).
+
+Callers that run many inputs through one set of filters (inference) may pass each filter through
+`prepare_filter` once: where the XLA FFT path will run, that is the filter's spectrum
+(`base.FilterSpectrum`), which the block then takes as it is, on the XLA FFT path.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.long_conv_block import base
-from kernels.long_conv_block.base import ConvFilter
+from kernels.long_conv_block.base import ConvFilter, FilterSpectrum
 
 Array = jax.Array
 
@@ -88,6 +92,32 @@ def auto_choice(platform: str, seq_len: int, dtype: jnp.dtype) -> str:
     raise AssertionError(f"no implementation supports L = {seq_len} on {platform}")
 
 
+def prepare_filter(filt: ConvFilter, *, platform: str, dtype: jnp.dtype,
+                   implementation: str = "auto") -> ConvFilter | FilterSpectrum:
+    """`filt` in the form `long_conv_block` runs fastest with when it is reused across calls.
+
+    Args:
+        filt: the filter, kernels (H, L).
+        platform: where the block will run: a lowering platform ("cpu", "cuda", "rocm", "tpu").
+        dtype: the dtype of the block's signals (v), which `auto`'s choice may depend on.
+        implementation: as for `long_conv_block`.
+
+    Returns:
+        Where the XLA FFT path runs (named, or `auto`'s choice on `platform`), the filter's
+        spectrum (`xla_fft.filter_spectrum`, complex64 (H, L + 1)): the block skips computing
+        it. Otherwise `filt` unchanged (the kernels build their own spectra). Either gives the
+        same block; a spectrum passed where another platform runs it still computes the right
+        values, on the XLA FFT path.
+    """
+    _check_implementation(implementation)
+    seq_len = filt.k_fwd_HxL.shape[-1]
+    name = (auto_choice(platform, seq_len, jnp.dtype(dtype)) if implementation == "auto"
+            else implementation)
+    if name != "xla_fft":
+        return filt
+    return implementation_module("xla_fft").filter_spectrum(filt)
+
+
 def _auto(x1, x2, v, gate, u, residual):
     seq_len, dtype = v.shape[-1], v.dtype
     choice = {p: auto_choice(p, seq_len, dtype) for p in AUTO_PREFERENCES}
@@ -109,22 +139,26 @@ def _run(name: str, x1, x2, v, gate, u, residual, *, interpret: bool | None) -> 
 
 @functools.partial(jax.jit, static_argnames=("implementation", "interpret"))
 def _block(x1, x2, v, gate, u, residual, implementation, interpret):
+    if isinstance(gate, FilterSpectrum):  # only the XLA FFT path takes spectra
+        return _run("xla_fft", x1, x2, v, gate, u, residual, interpret=interpret)
     if implementation == "auto":
         return _auto(x1, x2, v, gate, u, residual)
     return _run(implementation, x1, x2, v, gate, u, residual, interpret=interpret)
 
 
-def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
-                    u_BxHxL: Array | None = None, residual: ConvFilter | None = None, *,
+def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
+                    gate: ConvFilter | FilterSpectrum, u_BxHxL: Array | None = None,
+                    residual: ConvFilter | FilterSpectrum | None = None, *,
                     implementation: str = "auto", interpret: bool | None = None) -> Array:
     """The gated long-convolution block of the M2 sequence mixer, channels-first.
 
     Args:
         x1_BxHxL, x2_BxHxL, v_BxHxL: branches of the short convolution, (B, H, L), float32 or
             bf16 (all the same shape).
-        gate: `ConvFilter(k_fwd_HxL, k_rev_HxL or None, d_H)` applied to ``v * x1``.
+        gate: `ConvFilter(k_fwd_HxL, k_rev_HxL or None, d_H)` applied to ``v * x1``, or its
+            `prepare_filter` spectrum (`FilterSpectrum`, then the XLA FFT path runs).
         u_BxHxL: the mixer's input for the residual long convolution, or None (no residual).
-        residual: its `ConvFilter` (given exactly when u is).
+        residual: its filter, of gate's kind (given exactly when u is).
         implementation: one of `IMPLEMENTATIONS` (see the module docstring).
         interpret: Pallas implementations only: force the interpreter on/off (None: on unless a
             GPU runs it, or $M2JAX_PALLAS_INTERPRET). ``auto`` always compiles its kernels.
@@ -134,10 +168,16 @@ def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: Conv
         Differentiable in every array argument.
 
     Raises:
-        ValueError: an unknown or unavailable implementation, mismatched shapes, or an L the
-            explicitly named implementation does not handle.
+        ValueError: an unknown or unavailable implementation, mismatched shapes, an L the
+            explicitly named implementation does not handle, or spectra given to another
+            implementation than the XLA FFT path.
     """
     _check_implementation(implementation)
     base.check_args(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual)
+    if isinstance(gate, FilterSpectrum) and implementation not in ("auto", "xla_fft"):
+        raise ValueError(
+            f"filter spectra (FilterSpectrum, from prepare_filter) run on the XLA FFT path only; "
+            f"got implementation={implementation!r}. Pass the ConvFilters, or prepare them with "
+            f"implementation={implementation!r} (which keeps them as they are).")
     return _block(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual,
                   implementation=implementation, interpret=interpret)

@@ -14,6 +14,10 @@ An implementation module (``xla_fft``, ``xla_monarch``, ``pallas_triton``, ...) 
 * ``long_conv_block(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL=None, residual=None)``, the
   signature of `kernels.long_conv_block.long_conv_block` without ``implementation``;
 * ``supports(seq_len, dtype) -> bool``, which ``implementation="auto"`` consults.
+
+A filter is a `ConvFilter` (what every implementation takes) or, for the XLA FFT path only, a
+`FilterSpectrum`: the FFT of its doubled kernel, computed once by a caller that reuses one filter
+across calls (`kernels.long_conv_block.prepare_filter`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ class ConvFilter(NamedTuple):
     d_H: Array
 
 
+class FilterSpectrum(NamedTuple):
+    """A `ConvFilter` prepared for the XLA FFT path (`xla_fft.filter_spectrum`).
+
+    Attributes:
+        khat_HxF: ``rfft(doubled_kernel(filter), n=2L)``, complex64 (H, L + 1): the spectrum of
+            the length-2L circular kernel with the skip weight folded in. A function of the
+            filter and L only, so a caller that runs many inputs through one filter computes it
+            once instead of on every call.
+    """
+
+    khat_HxF: Array
+
+
 def check_args(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilter,
                u_BxHxL: Array | None, residual: ConvFilter | None) -> None:
     """Shape and dtype checks shared by every implementation; raises ValueError naming the
@@ -62,12 +79,23 @@ def check_args(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array, gate: ConvFilte
             raise ValueError(f"{name} must be a floating-point array; got dtype {t.dtype}.")
     if (u_BxHxL is None) != (residual is None):
         raise ValueError("u and residual must be given together (or both None).")
+    kinds = {type(f) for f in (gate, residual) if f is not None}
+    if kinds == {ConvFilter, FilterSpectrum}:
+        raise ValueError("gate and residual must both be ConvFilters or both FilterSpectrums; "
+                         "got one of each.")
     for fname, filt in (("gate", gate), ("residual", residual)):
         if filt is None:
             continue
+        if isinstance(filt, FilterSpectrum):
+            k = filt.khat_HxF
+            if tuple(jnp.shape(k)) != (h, l + 1) or not jnp.iscomplexobj(k):
+                raise ValueError(
+                    f"{fname}.khat_HxF must be a complex (H, L + 1) = {(h, l + 1)} spectrum; "
+                    f"got shape {tuple(jnp.shape(k))}, dtype {jnp.result_type(k)}.")
+            continue
         if not isinstance(filt, ConvFilter):
-            raise ValueError(f"{fname} must be a ConvFilter(k_fwd_HxL, k_rev_HxL, d_H); got "
-                             f"{type(filt).__name__}.")
+            raise ValueError(f"{fname} must be a ConvFilter(k_fwd_HxL, k_rev_HxL, d_H) or a "
+                             f"FilterSpectrum; got {type(filt).__name__}.")
         for kname, k in (("k_fwd_HxL", filt.k_fwd_HxL), ("k_rev_HxL", filt.k_rev_HxL)):
             if k is not None and tuple(k.shape) != (h, l):
                 raise ValueError(
@@ -99,8 +127,8 @@ def doubled_kernel(filt: ConvFilter, *, with_skip: bool = True) -> Array:
     return k
 
 
-# conv(x_BxHxL, k_Hx2L) -> y_BxHxL: see `gated_block`.
-Conv = Callable[[Array, Array], Array]
+# conv(x_BxHxL, filter) -> y_BxHxL: see `gated_block`.
+Conv = Callable[[Array, "ConvFilter | FilterSpectrum"], Array]
 
 
 def gated_block(conv: Conv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
@@ -108,9 +136,9 @@ def gated_block(conv: Conv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
     """The gating around the convolutions, shared by the XLA implementations.
 
     Args:
-        conv: ``conv(x_BxHxL, k_Hx2L) -> y_BxHxL``, float32 in and out, the first L outputs of the
-            size-2L circular convolution of the zero-padded signal with the kernel
-            (`doubled_kernel`, skip folded in).
+        conv: ``conv(x_BxHxL, filter) -> y_BxHxL``, float32 in and out, the first L outputs of
+            the size-2L circular convolution of the zero-padded signal with the filter's
+            `doubled_kernel` (skip folded in).
         the rest: as `kernels.long_conv_block.long_conv_block`.
 
     Returns:
@@ -122,7 +150,7 @@ def gated_block(conv: Conv, x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
     """
     f32 = COMPUTE_DTYPE
     w = v_BxHxL.astype(f32) * x1_BxHxL.astype(f32)
-    y = conv(w, doubled_kernel(gate)) * x2_BxHxL.astype(f32)
+    y = conv(w, gate) * x2_BxHxL.astype(f32)
     if u_BxHxL is not None:
-        y = y + conv(u_BxHxL.astype(f32), doubled_kernel(residual))
+        y = y + conv(u_BxHxL.astype(f32), residual)
     return y.astype(v_BxHxL.dtype)

@@ -121,7 +121,8 @@ def first_rows_of_inverse(b_NxN1xN2: Array, rows: int) -> Array:
     return y.reshape(*y.shape[:-2], rows * n2)
 
 
-def _conv(x_BxHxL: Array, k_HxN: Array) -> Array:
+def _conv(x_BxHxL: Array, filt: ConvFilter) -> Array:
+    k_HxN = base.doubled_kernel(filt)
     l = x_BxHxL.shape[-1]
     n1, n2 = conv_factors(2 * l)
     # The input fills the first n1 / 2 rows (no padding is materialised) and only those rows of

@@ -10,7 +10,8 @@ from jax import export
 
 import test_base
 from kernels.long_conv_block import (
-    AUTO_PREFERENCES, IMPLEMENTATIONS, ConvFilter, api, auto_choice, long_conv_block)
+    AUTO_PREFERENCES, IMPLEMENTATIONS, ConvFilter, FilterSpectrum, api, auto_choice,
+    long_conv_block, prepare_filter)
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -57,6 +58,46 @@ def test_shape_errors_name_the_argument():
         long_conv_block(x1, x2, v, gate, u, res._replace(d_H=res.d_H[:1]))
     with pytest.raises(ValueError, match="floating-point"):
         long_conv_block(x1.astype(jnp.int32), x2, v, gate, u, res)
+
+
+def test_prepare_filter_gives_spectra_only_where_the_xla_fft_path_runs():
+    _, _, v, gate, _, _ = test_base.make_inputs(test_base.Case(1, 2, 128))
+    f32 = jnp.float32
+    assert isinstance(prepare_filter(gate, platform="cpu", dtype=f32), FilterSpectrum)
+    assert isinstance(prepare_filter(gate, platform="cuda", dtype=f32,
+                                     implementation="xla_fft"), FilterSpectrum)
+    # The kernels and the Monarch path build their own spectra: the filter stays as it is.
+    assert prepare_filter(gate, platform="cuda", dtype=f32) is gate
+    assert prepare_filter(gate, platform="tpu", dtype=f32) is gate
+    assert prepare_filter(gate, platform="cpu", dtype=f32, implementation="xla_monarch") is gate
+    with pytest.raises(ValueError, match="unknown implementation"):
+        prepare_filter(gate, platform="cpu", dtype=f32, implementation="fft")
+
+
+def test_filter_spectra_errors_name_the_argument():
+    x1, x2, v, gate, u, res = test_base.make_inputs(test_base.Case(1, 2, 16))
+    prep = lambda f: prepare_filter(f, platform="cpu", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="XLA FFT path only; got implementation='xla_monarch'"):
+        long_conv_block(x1, x2, v, prep(gate), u, prep(res), implementation="xla_monarch")
+    with pytest.raises(ValueError, match="must both be ConvFilters or both FilterSpectrums"):
+        long_conv_block(x1, x2, v, prep(gate), u, res)
+    with pytest.raises(ValueError, match=r"gate.khat_HxF must be a complex \(H, L \+ 1\)"):
+        long_conv_block(x1, x2, v, FilterSpectrum(prep(gate).khat_HxF[:, :16]), u, prep(res))
+
+
+def test_spectra_run_the_xla_fft_path_on_every_platform():
+    # A spectrum is the XLA FFT path's operand: auto exported for CUDA carries no Triton call
+    # and computes the same block.
+    x1, x2, v, gate, u, res = test_base.make_inputs(test_base.Case(2, 4, 128))
+    prep = lambda f: prepare_filter(f, platform="cpu", dtype=jnp.float32)
+    fn = jax.jit(lambda *a: long_conv_block(*a))
+    args = (x1, x2, v, prep(gate), u, prep(res))
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    exp = export.export(fn, platforms=["cpu", "cuda"])(*specs)
+    assert TRITON_CALL not in exp.mlir_module()
+    np.testing.assert_allclose(np.asarray(exp.call(*args)),
+                               np.asarray(long_conv_block(x1, x2, v, gate, u, res)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _export_auto(l: int, platforms: list[str]):
