@@ -8,11 +8,16 @@ Per shape (B x L): one random M2-BERT-base 80M (float32, `max_position_embedding
 with `save_pretrained`; m2jax loads it with `from_pretrained` and is called as users call it,
 `model(input_ids)` (the compiled call: the first call compiles and is reported apart); the
 reference (HazyResearch/m2) loads the same `model.safetensors` strictly and runs out of tree in
-its own venv (`benchmarks/reference_forward.py`), so both run the same weights on the same ids,
-one after the other, never at the same time. What is timed: encoder + MLM head on all tokens,
-the median of `--repeats` calls after one untimed call; then the same call with the filter memo
-off (`m2jax.filter_cache.MAX_BYTES = 0`: filters computed every call, as the reference does). Both outputs are compared first (relative
-L2 error of the logits). Without the reference's venv or source the m2jax side still runs and the
+its own venv (`benchmarks/reference_forward.py`, a process that serves timed calls), so both run
+the same weights on the same ids. What is timed: encoder + MLM head on all tokens, `--repeats`
+calls of each side after one untimed call, alternating m2jax / reference call by call (never at
+the same time, a short pause before each), so that both sides meet the same machine: on a
+shared machine the speed drifts by tens of percent within minutes, and timing one side's calls
+after the other's measured the drift as much as the code. Then the same alternation with the
+filter memo off (`m2jax.filter_cache.MAX_BYTES = 0`: filters computed every call, as the
+reference does). Reported: the medians of each side and their ratio (the target), and the
+median, min and max of the per-round ratios. Both outputs are compared first (relative L2 error
+of the logits). Without the reference's venv or source the m2jax side still runs and the
 reference columns say why they are empty. Prints a table; writes JSON.
 """
 
@@ -51,31 +56,75 @@ def _reference_missing(python: str, reference: str) -> str | None:
     return None
 
 
-def time_m2jax(model, ids: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
+# Before each timed call: lets the other side's worker threads (torch's OpenMP pool, XLA's
+# thread pool) stop spinning after its call, so the two never overlap.
+PAUSE_S = 0.2
+
+
+def time_m2jax_call(model, ids: np.ndarray) -> tuple[float, jax.Array]:
+    time.sleep(PAUSE_S)
     t0 = time.perf_counter()
     logits = jax.block_until_ready(model(ids))
-    first_ms = (time.perf_counter() - t0) * 1e3
-    times = []
+    return (time.perf_counter() - t0) * 1e3, logits
+
+
+class ReferenceServer:
+    """The reference's forward in its own venv (`reference_forward.py`), one call per request."""
+
+    def __init__(self, python: str, reference: str, ckpt: str, ids_path: str):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self._proc = subprocess.Popen(
+            [python, str(ROOT / "benchmarks" / "reference_forward.py"), "--reference", reference,
+             "--checkpoint", ckpt, "--ids", ids_path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env)
+        self.info = self._read()  # loaded, one untimed call done
+
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait()
+            raise RuntimeError(f"reference_forward.py failed:\n{self._proc.stderr.read()[-3000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"reference_forward.py: {reply['error']}")
+        return reply
+
+    def _ask(self, command: str) -> dict:
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def call(self) -> float:
+        time.sleep(PAUSE_S)
+        return self._ask("call")["ms"]
+
+    def logits(self, path: str) -> np.ndarray:
+        self._ask(f"logits {path}")
+        return np.load(path)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.write("exit\n")
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+
+
+def alternate(m2jax_call, reference_call, repeats: int) -> tuple[list[float], list[float]]:
+    """`repeats` rounds of one m2jax call then one reference call (None: m2jax only)."""
+    m2, ref = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        logits = jax.block_until_ready(model(ids))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"times_ms": times, "compile_and_first_ms": first_ms}, np.asarray(logits)
+        m2.append(m2jax_call())
+        if reference_call is not None:
+            ref.append(reference_call())
+    return m2, ref
 
 
-def time_reference(python: str, reference: str, ckpt: str, ids_path: str, repeats: int,
-                   work: str) -> tuple[dict, np.ndarray]:
-    out = os.path.join(work, "reference.json")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [python, str(ROOT / "benchmarks" / "reference_forward.py"), "--reference", reference,
-         "--checkpoint", ckpt, "--ids", ids_path, "--repeats", str(repeats), "--out", out],
-        capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference_forward.py failed:\n{proc.stderr[-3000:]}")
-    with open(out) as f:
-        result = json.load(f)
-    return result, np.load(os.path.splitext(out)[0] + ".logits.npy")
+def _ratios(ref_ms: list[float], m2_ms: list[float]) -> dict:
+    per_round = [r / m for r, m in zip(ref_ms, m2_ms)]
+    return {"ratio_of_medians": statistics.median(ref_ms) / statistics.median(m2_ms),
+            "per_round": per_round, "per_round_median": statistics.median(per_round),
+            "per_round_min": min(per_round), "per_round_max": max(per_round)}
 
 
 def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
@@ -90,33 +139,54 @@ def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
             1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
         ids_path = os.path.join(work, "ids.npy")
         np.save(ids_path, ids)
-        m2, logits = time_m2jax(model, ids, args.repeats)
-        # The same call computing its filters every time, as the reference does (the default
-        # call keeps them between calls, m2jax.filter_cache).
-        limit, filter_cache.MAX_BYTES = filter_cache.MAX_BYTES, 0
-        try:
-            no_memo, _ = time_m2jax(model, ids, args.repeats)
-        finally:
-            filter_cache.MAX_BYTES = limit
-        del model
-        row["m2jax_filters_every_call_ms"] = statistics.median(no_memo["times_ms"])
-        row["m2jax_ms"] = statistics.median(m2["times_ms"])
-        row["m2jax_times_ms"] = m2["times_ms"]
-        row["m2jax_compile_and_first_ms"] = m2["compile_and_first_ms"]
-        row["m2jax_tokens_per_s"] = batch * seq_len / row["m2jax_ms"] * 1e3
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(model(ids))
+        row["m2jax_compile_and_first_ms"] = (time.perf_counter() - t0) * 1e3
+        server = None
         if missing:
             row["reference_note"] = f"skipped: {missing}"
-            return row
-        ref, ref_logits = time_reference(args.reference_python, args.reference, ckpt, ids_path,
-                                         args.repeats, work)
-    row["reference_ms"] = statistics.median(ref["times_ms"])
-    row["reference_times_ms"] = ref["times_ms"]
-    row["reference_torch"] = ref["torch"]
-    row["reference_torch_threads"] = ref["torch_threads"]
+        else:
+            server = ReferenceServer(args.reference_python, args.reference, ckpt, ids_path)
+        try:
+            reference_call = None if server is None else server.call
+            m2, ref = alternate(lambda: time_m2jax_call(model, ids)[0], reference_call,
+                                args.repeats)
+            # The same call computing its filters every time, as the reference does (the
+            # default call keeps them between calls, m2jax.filter_cache).
+            limit, filter_cache.MAX_BYTES = filter_cache.MAX_BYTES, 0
+            try:
+                time_m2jax_call(model, ids)  # compiles the call without filters
+                no_memo, ref2 = alternate(lambda: time_m2jax_call(model, ids)[0],
+                                          reference_call, args.repeats)
+            finally:
+                filter_cache.MAX_BYTES = limit
+            if server is not None:
+                ref_logits = server.logits(os.path.join(work, "reference_logits.npy"))
+                row["reference_torch"] = server.info["torch"]
+                row["reference_torch_threads"] = server.info["torch_threads"]
+        finally:
+            if server is not None:
+                server.close()
+        del model
+    row["m2jax_ms"] = statistics.median(m2)
+    row["m2jax_times_ms"] = m2
+    row["m2jax_tokens_per_s"] = batch * seq_len / row["m2jax_ms"] * 1e3
+    row["m2jax_filters_every_call_ms"] = statistics.median(no_memo)
+    row["m2jax_filters_every_call_times_ms"] = no_memo
+    if server is None:
+        return row
+    row["reference_ms"] = statistics.median(ref)
+    row["reference_times_ms"] = ref
+    row["reference_times_ms_filters_every_call_rounds"] = ref2
     row["reference_tokens_per_s"] = batch * seq_len / row["reference_ms"] * 1e3
-    row["speedup"] = row["reference_ms"] / row["m2jax_ms"]
-    row["speedup_filters_every_call"] = row["reference_ms"] / row["m2jax_filters_every_call_ms"]
+    main_ratios, no_memo_ratios = _ratios(ref, m2), _ratios(ref2, no_memo)
+    row["speedup"] = main_ratios["ratio_of_medians"]
+    row["speedup_per_round"] = main_ratios
+    row["speedup_per_round_median"] = main_ratios["per_round_median"]
+    row["speedup_filters_every_call"] = no_memo_ratios["ratio_of_medians"]
+    row["speedup_filters_every_call_per_round"] = no_memo_ratios
     row["target_speedup"] = TARGET_SPEEDUP.get((batch, seq_len))
+    logits = np.asarray(logits)
     row["logits_rel_err"] = float(np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits))
     return row
 
@@ -144,7 +214,9 @@ def main() -> None:
         r = rows[-1]
         print(f"  B={b} L={l}: m2jax {r['m2jax_tokens_per_s']:.0f} tok/s"
               + (f", reference {r['reference_tokens_per_s']:.0f} tok/s, "
-                 f"{r['speedup']:.2f}x (logits rel err {r['logits_rel_err']:.1e})"
+                 f"{r['speedup']:.2f}x (rounds {r['speedup_per_round']['per_round_min']:.2f}-"
+                 f"{r['speedup_per_round']['per_round_max']:.2f}x; logits rel err "
+                 f"{r['logits_rel_err']:.1e})"
                  if "speedup" in r else f"; reference {r['reference_note']}"), flush=True)
     env["load_average_1m_after"] = os.getloadavg()[0]
     common.write_json(args.out, {"environment": env, "settings": vars(args), "rows": rows})
@@ -153,7 +225,7 @@ def main() -> None:
         ("batch", "B"), ("seq_len", "L"), ("m2jax_ms", "m2jax ms"),
         ("m2jax_tokens_per_s", "m2jax tok/s"), ("reference_ms", "reference ms"),
         ("reference_tokens_per_s", "reference tok/s"), ("speedup", "m2jax / reference"),
-        ("target_speedup", "target"), ("m2jax_filters_every_call_ms", "m2jax ms, filters every call"),
+        ("speedup_per_round_median", "median of round ratios"), ("target_speedup", "target"), ("m2jax_filters_every_call_ms", "m2jax ms, filters every call"),
         ("speedup_filters_every_call", "ratio, filters every call"),
         ("logits_rel_err", "logits rel err")]))
     print(f"wrote {args.out}")

@@ -1,16 +1,20 @@
-"""Times the PyTorch reference's MLM forward on an m2jax `save_pretrained` checkpoint (torch venv).
+"""Serves timed calls of the PyTorch reference's MLM forward on an m2jax checkpoint (torch venv).
 
 Run OUT OF TREE with the reference's environment, as tests/fixtures does; `cpu_vs_reference.py`
-calls it:
+starts it and sends one command per line on stdin, so that the two sides' calls alternate:
 
     /work/refenv/bin/python benchmarks/reference_forward.py --reference /work/refm2/bert \
-        --checkpoint DIR --ids IDS.npy --repeats 5 --out OUT.json
+        --checkpoint DIR --ids IDS.npy
 
 The model is the reference's `BertForMaskedLM` built from the checkpoint's `config.json`, with
 its `model.safetensors` loaded strictly; eval mode, `torch.no_grad()`, float32, the encoder and
-the MLM head on all tokens. One untimed call first, then `--repeats` timed calls. Writes the times
-(ms), torch's thread count and the logits of the last call (`.npy` next to OUT) for the
-correctness check.
+the MLM head on all tokens. After loading, it runs one untimed call and prints one JSON line
+``{"ready": true, "first_ms": ..., "torch": ..., "torch_threads": ...}``. Commands:
+
+* ``call``: one timed forward; prints ``{"ms": ...}``;
+* ``logits PATH``: saves the last call's logits (float32 .npy) for the correctness check;
+  prints ``{"saved": PATH}``;
+* ``exit`` (or end of input): stops.
 """
 
 from __future__ import annotations
@@ -29,14 +33,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
 from make_parity_fixtures import import_reference, load_saved_model  # noqa: E402
 
 
+def _reply(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="the reference's bert/ folder")
     p.add_argument("--checkpoint", required=True, help="an m2jax save_pretrained directory")
     p.add_argument("--ids", required=True, help=".npy of int token ids (B, L)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", required=True)
     args = p.parse_args()
 
     bl, cb = import_reference(args.reference)
@@ -49,17 +55,22 @@ def main() -> None:
             return model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
 
     t0 = time.perf_counter()
-    forward()
-    first_ms = (time.perf_counter() - t0) * 1e3
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        logits = forward()
-        times.append((time.perf_counter() - t0) * 1e3)
-    np.save(os.path.splitext(args.out)[0] + ".logits.npy", logits.numpy().astype(np.float32))
-    with open(args.out, "w") as f:
-        json.dump({"times_ms": times, "first_ms": first_ms, "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads()}, f)
+    logits = forward()
+    _reply({"ready": True, "first_ms": (time.perf_counter() - t0) * 1e3,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "call":
+            t0 = time.perf_counter()
+            logits = forward()
+            _reply({"ms": (time.perf_counter() - t0) * 1e3})
+        elif command == "logits":
+            np.save(arg, logits.numpy().astype(np.float32))
+            _reply({"saved": arg})
+        elif command == "exit":
+            break
+        else:
+            _reply({"error": f"unknown command {line.strip()!r}"})
 
 
 if __name__ == "__main__":

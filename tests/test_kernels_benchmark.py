@@ -68,3 +68,58 @@ def test_cpu_vs_reference_times_both_calls_and_says_why_the_reference_is_missing
         assert len(r["m2jax_times_ms"]) == 2 and r["m2jax_ms"] > 0
         assert r["m2jax_filters_every_call_ms"] > 0
         assert r["reference_note"].startswith("skipped: no PyTorch venv")
+
+
+_FAKE_REFERENCE = """#!{python}
+# Speaks reference_forward.py's protocol without torch: every call "takes" 50 ms; logits ones.
+import json, os, sys, time
+import numpy as np
+argv = sys.argv
+ids = np.load(argv[argv.index("--ids") + 1])
+with open(os.path.join(argv[argv.index("--checkpoint") + 1], "config.json")) as f:
+    vocab = json.load(f)["vocab_size"]
+log = open({log!r}, "a")
+print(json.dumps({{"ready": True, "first_ms": 1.0, "torch": "fake", "torch_threads": 2}}), flush=True)
+for line in sys.stdin:
+    command, _, arg = line.strip().partition(" ")
+    log.write(command + "\\n"); log.flush()
+    if command == "call":
+        print(json.dumps({{"ms": 50.0}}), flush=True)
+    elif command == "logits":
+        np.save(arg, np.ones((*ids.shape, vocab), np.float32))
+        print(json.dumps({{"saved": arg}}), flush=True)
+    elif command == "exit":
+        break
+"""
+
+
+def test_cpu_vs_reference_alternates_the_calls_of_both_sides(tmp_path):
+    """The orchestration with a stand-in for the reference's process (same line protocol): each
+    phase alternates one call per side, the ratios are those of the times, and the reference's
+    logits are compared."""
+    fake = tmp_path / "python"
+    log = tmp_path / "calls.log"
+    fake.write_text(_FAKE_REFERENCE.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    (tmp_path / "ref" / "src").mkdir(parents=True)
+    (tmp_path / "ref" / "src" / "bert_layers.py").write_text("")
+    out = tmp_path / "cvr.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_vs_reference.py"), "--model", "tiny",
+         "--shapes", "1x16", "--repeats", "3", "--out", str(out),
+         "--reference_python", str(fake), "--reference", str(tmp_path / "ref")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert log.read_text().split() == ["call"] * 6 + ["logits", "exit"]
+    assert row["reference_times_ms"] == [50.0] * 3
+    assert row["reference_times_ms_filters_every_call_rounds"] == [50.0] * 3
+    assert row["reference_torch"] == "fake" and row["reference_torch_threads"] == 2
+    m2 = row["m2jax_times_ms"]
+    assert len(m2) == 3 and len(row["m2jax_filters_every_call_times_ms"]) == 3
+    assert abs(row["speedup"] - 50.0 / sorted(m2)[1]) < 1e-9
+    assert row["speedup_per_round"]["per_round"] == [50.0 / t for t in m2]
+    assert row["speedup_per_round_median"] == sorted(50.0 / t for t in m2)[1]
+    assert 0 < row["logits_rel_err"] < 10  # computed against the stand-in's ones
+    assert "median of round ratios" in proc.stdout
