@@ -124,9 +124,10 @@ def _encoder_filters(
     return bert.reusable_filters(seq_len, platform)
 
 
-def lowering_platform(array: jax.Array) -> str:
-    """The platform a jitted call on `array` lowers for: "cpu", "cuda", "rocm", "tpu", ..."""
-    device = next(iter(array.devices()))
+def lowering_platform(array: Any) -> str:
+    """The platform a jitted call on `array` lowers for: "cpu", "cuda", "rocm", "tpu", ...
+    (a host array, e.g. numpy, goes to the default device)."""
+    device = next(iter(array.devices())) if isinstance(array, jax.Array) else jax.devices()[0]
     if device.platform != "gpu":
         return device.platform
     return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"

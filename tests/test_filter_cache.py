@@ -139,3 +139,8 @@ def test_gradients_through_the_call_reach_the_filters():
     filter_grads = grads["bert"]["layers"][0]["attention"]["filter_fn"]
     assert float(jnp.linalg.norm(filter_grads["z"][...])) > 0
     assert float(jnp.linalg.norm(filter_grads["mlp_fwd"][0]["kernel"][...])) > 0
+
+
+def test_the_lowering_platform_of_device_and_host_arrays():
+    assert m2jax.model.lowering_platform(jnp.zeros(3)) == jax.devices()[0].platform == "cpu"
+    assert m2jax.model.lowering_platform(np.zeros(3)) == "cpu"  # host arrays: default device
