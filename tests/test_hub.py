@@ -102,7 +102,10 @@ def test_missing_id_offline_names_the_id_and_the_cache(tmp_path):
         m2jax.from_pretrained("org/no-weights", cache_dir=str(cache), local_files_only=True)
 
 
-def test_paths_that_cannot_be_ids_are_plain_missing_paths(tmp_path):
+def test_paths_that_cannot_be_ids_are_plain_missing_paths(tmp_path, monkeypatch):
+    # Relative paths resolve against an empty directory (not whatever sits next to the checkout).
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     for path in [str(tmp_path / "nothing"), "./nothing", "a/b/c", "../x"]:
         with pytest.raises(FileNotFoundError, match="no checkpoint at"):
             m2jax.from_pretrained(path)
