@@ -121,9 +121,9 @@ def test_launch_reports_an_unknown_model_field_clearly(subprocess_env):
 # Pretraining run and re-run; GLUE from its export, run and re-run. The console of each.
 
 PRETRAIN_FLAGS = ["--config=configs/pretrain.py:smoke", *TINY_FLAGS,
-                  "--config.global_batch_size=8", "--config.total_steps=100",
-                  "--config.log_every=25", "--config.eval_every=50", "--config.eval_steps=1",
-                  "--config.checkpoint.every=50"]
+                  "--config.global_batch_size=8", "--config.total_steps=20",
+                  "--config.log_every=5", "--config.eval_every=10", "--config.eval_steps=1",
+                  "--config.checkpoint.every=10"]
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +143,16 @@ def test_10_the_console_shows_each_line_once_without_library_noise(pretrain_runs
     workdir, completed, _ = pretrain_runs
     _ok(completed)
     lines = (completed.stdout + completed.stderr).splitlines()
-    assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 100 steps of 8 rows")
-    assert re.match(r"step 1/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and first step "
+    assert lines[0].startswith("pretraining smoke: 1 layers x 32, L 32, 20 steps of 8 rows")
+    assert re.match(r"step 1/20 \| loss [\d.]+ \| lr [\d.e+-]+ \| compile and first step "
                     r"[\d.]+ s$", lines[1]), lines
     progress = [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")]
-    assert progress == [1, 25, 50, 75, 100], lines
-    assert re.match(r"step 25/100 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
+    assert progress == [1, 5, 10, 15, 20], lines
+    assert re.match(r"step 5/20 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s \| ETA "
                     r"\d\d:\d\d:\d\d$", lines[2]), lines
     assert [x.split(":")[0] for x in lines if x.startswith("eval")] == \
-        ["eval at step 50", "eval at step 100"]
-    assert lines[-1].startswith("done: completed at step 100/100; eval mlm_loss ")
+        ["eval at step 10", "eval at step 20"]
+    assert lines[-1].startswith("done: completed at step 20/20; eval mlm_loss ")
     assert len(lines) == 1 + len(progress) + 2 + 1, lines  # nothing else: no library logs
 
 
@@ -161,21 +161,21 @@ def test_01_rerunning_a_finished_launch_reports_its_results_and_changes_nothing(
     _ok(again)
     assert snapshot(workdir) == before
     assert again.stdout.splitlines()[-1] == completed.stdout.splitlines()[-1]
-    assert "finished before (step 100/100); its stored results stand" in again.stdout
+    assert "finished before (step 20/20); its stored results stand" in again.stdout
     assert again.stderr == ""
 
 
 def test_pretrain_launch_writes_results_checkpoints_and_export(pretrain_runs):
     workdir, _, _ = pretrain_runs
     results = json.load(open(os.path.join(workdir, "results.json")))
-    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 100, 100)
-    assert [e["step"] for e in results["eval"]] == [50, 100]
-    assert [h["step"] for h in results["train"]] == [1, 25, 50, 75, 100]
+    assert (results["status"], results["step"], results["total_steps"]) == ("completed", 20, 20)
+    assert [e["step"] for e in results["eval"]] == [10, 20]
+    assert [h["step"] for h in results["train"]] == [1, 5, 10, 15, 20]
     assert [(a["start_step"], a["end_step"], a["status"]) for a in results["attempts"]] == [
-        (0, 100, "completed")]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]  # keep 2
+        (0, 20, "completed")]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]  # keep 2
     config = json.load(open(os.path.join(workdir, "config.json")))
-    assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 100
+    assert config["model"]["hidden_size"] == 32 and config["total_steps"] == 20
     exported = m2jax.from_pretrained(os.path.join(workdir, "final"))
     assert isinstance(exported, m2jax.M2BertForMaskedLM)
     assert (exported.config.hidden_size, exported.config.vocab_size) == (32, 30528)
