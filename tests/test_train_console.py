@@ -113,3 +113,23 @@ def test_a_failed_orbax_saves_unretrieved_futures_leave_no_asyncio_report(caplog
         _unretrieved_gather_error(os.path.join(os.sep, "somewhere", "else.py"))
     reports = [r for r in caplog.records if r.name == "asyncio"]
     assert len(reports) == 1 and "exception was never retrieved" in reports[0].getMessage()
+
+
+def test_an_unretrieved_tensorstore_failure_of_an_orbax_save_leaves_no_asyncio_report(caplog):
+    # A fresh clone's run printed "Future exception was never retrieved" for futures that
+    # tensorstore failed (no Python traceback; the error names orbax's temporary folder).
+    import asyncio
+    import gc
+
+    configure_logging(None)
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for where in ("/w/checkpoints/4.orbax-checkpoint-tmp/state", "/somewhere/else"):
+                loop.create_future().set_exception(
+                    ValueError(f'OUT_OF_RANGE: Failed writing: "{where}": File too large'))
+                gc.collect()
+    finally:
+        loop.close()
+    reports = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(reports) == 1 and "/somewhere/else" in reports[0], reports

@@ -70,8 +70,10 @@ class _OrbaxErrorFilter(logging.Filter):
         # asyncio's "... exception was never retrieved" for the tasks and gathered futures of a
         # failed orbax save, reported when the garbage collector reaches them (so at a moment
         # that varies from run to run). A task's repr names its orbax coroutine; a gathered
-        # future's does not, but its exception's traceback runs through orbax.
-        if orbax in record.getMessage():
+        # future's does not, but its exception's traceback runs through orbax. A future that
+        # tensorstore failed has no Python traceback; its error names orbax's temporary folder.
+        message = record.getMessage()
+        if orbax in message or ".orbax-checkpoint-tmp" in message:
             return False
         tb = record.exc_info[2] if record.exc_info else None
         while tb is not None:
