@@ -32,7 +32,7 @@ TRAIN = [
 ]
 TEST = [
     "pytest>=8.0",
-    "pytest-xdist>=3.6",  # pytest.ini: two workers
+    "pytest-xdist>=3.8",  # pytest.ini: two workers, --no-loadscope-reorder
     "scikit-learn>=1.9",
     "scipy>=1.13",
     # v5: BertTokenizer (Rust) and BertTokenizerLegacy (Python) for the tokenizer parity test.
