@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import jax
@@ -69,18 +70,13 @@ class _OrbaxErrorFilter(logging.Filter):
             return True
         # asyncio's "... exception was never retrieved" for the tasks and gathered futures of a
         # failed orbax save, reported when the garbage collector reaches them (so at a moment
-        # that varies from run to run). A task's repr names its orbax coroutine; a gathered
-        # future's does not, but its exception's traceback runs through orbax. A future that
-        # tensorstore failed has no Python traceback; its error names orbax's temporary folder.
-        message = record.getMessage()
-        if orbax in message or ".orbax-checkpoint-tmp" in message:
-            return False
-        tb = record.exc_info[2] if record.exc_info else None
-        while tb is not None:
-            if orbax in tb.tb_frame.f_code.co_filename:
-                return False
-            tb = tb.tb_next
-        return True
+        # that varies from run to run). Each names orbax somewhere in its text: a task's repr its
+        # orbax coroutine, a gathered future's traceback orbax's files, and the error of a future
+        # that tensorstore failed (no Python traceback) orbax's temporary folder.
+        text = record.getMessage()
+        if record.exc_info:
+            text += "".join(traceback.format_exception(*record.exc_info))
+        return orbax not in text and ".orbax-checkpoint-tmp" not in text
 
 
 def _without_closed_loop_noise(hook):
