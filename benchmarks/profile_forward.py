@@ -28,7 +28,6 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -77,13 +76,8 @@ def profile_shape(model_name: str, batch: int, seq_len: int, calls: int, seed: i
                                  long_conv_l_max=seq_len)
     model = m2jax.M2BertForMaskedLM(cfg, rngs=nnx.Rngs(seed))
     ids = np.random.default_rng(seed).integers(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
-    for _ in range(2):  # compile, then one warm call (the filter memo is filled by the first)
-        jax.block_until_ready(model(ids))
-    untraced = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(model(ids))
-        untraced.append((time.perf_counter() - t0) * 1e3)
+    # Compile, one warm call (the first fills the filter memo), then the untraced calls.
+    untraced = common.time_call(lambda: model(ids), warmup=2, repeats=calls)
     with tempfile.TemporaryDirectory() as trace_dir:
         t0 = time.perf_counter()
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -97,7 +91,7 @@ def profile_shape(model_name: str, batch: int, seq_len: int, calls: int, seed: i
     ops_ms = sum(per_op.values())
     return {
         "batch": batch, "seq_len": seq_len, "calls": calls,
-        "call_ms": statistics.median(untraced), "traced_call_ms": traced_ms,
+        "call_ms": untraced["median_ms"], "traced_call_ms": traced_ms,
         "operations_ms": ops_ms, "outside_ms": traced_ms - ops_ms,
         "groups": [{"group": g, "ms": ms, "share": ms / ops_ms if ops_ms else 0.0}
                    for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])],
