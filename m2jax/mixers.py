@@ -216,11 +216,14 @@ class SequenceMixer(nnx.Module):
         dropout_rng: jax.Array | None = None,
         filters: MixerFilters | None = None,
         channels_first: bool = False,
+        seq_len: int | None = None,
     ) -> jax.Array:
         """u (B, L, H) -> (B, L, H), or with `channels_first` (B, H, L) -> (B, H, L); compute dtype.
 
         `filters`: this mixer's `filters(L)`, computed beforehand (the compiled inference call
         reuses them across calls, `m2jax.filter_cache`); None computes them here.
+        `seq_len`: token-major input, channels-first (1, H, S * seq_len) holding S sequences of
+        `seq_len` tokens back to back (`M2BertModel.encode`); None: each row is one sequence.
 
         Channels-first from the input projection to the output projection in both layouts: the
         long convolutions run along L (the last axis) and x1, x2 and v are contiguous slices.
@@ -237,24 +240,35 @@ class SequenceMixer(nnx.Module):
         H = self.cfg.hidden_size
         p_Bx3HxL = _project(u, self.in_linear, "bil,io->bol" if channels_first else "blh,hc->bcl",
                             compute)
-        s_Bx3HxL = short_causal_conv(
-            p_Bx3HxL, self.short_conv_weight[...], self.short_conv_bias[...]
-        )
-        x1, x2, v = s_Bx3HxL[:, :H], s_Bx3HxL[:, H : 2 * H], s_Bx3HxL[:, 2 * H :]
-        if self.cfg.hyena_training_additions:
-            # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
-            x1 = dropout(x1, rate, rng_v)
+        conv_weight, conv_bias = self.short_conv_weight[...], self.short_conv_bias[...]
         if filters is None:
-            filters = self.filters(v.shape[2])
+            filters = self.filters(p_Bx3HxL.shape[2] if seq_len is None else seq_len)
         u_BxHxL = None
         if filters.residual is not None:
             u_BxHxL = u if channels_first else jnp.swapaxes(u, 1, 2)
+        seqs = 1 if seq_len is None else p_Bx3HxL.shape[2] // seq_len
+        if seqs > 1:
+            # Token-major: (1, C, S * L) read as (1, C * S, L) (a reshape, no copy), one row per
+            # (channel, sequence), so both convolutions run along the rows as in the (B, C, L)
+            # layout; each channel's parameters are repeated for its S rows.
+            p_Bx3HxL, u_BxHxL = (
+                None if a is None else a.reshape(1, -1, seq_len) for a in (p_Bx3HxL, u_BxHxL))
+            conv_weight, conv_bias, filters = jax.tree.map(
+                lambda a: jnp.repeat(a, seqs, axis=0), (conv_weight, conv_bias, filters))
+        s_Bx3HxL = short_causal_conv(p_Bx3HxL, conv_weight, conv_bias)
+        Hs = H * seqs
+        x1, x2, v = s_Bx3HxL[:, :Hs], s_Bx3HxL[:, Hs : 2 * Hs], s_Bx3HxL[:, 2 * Hs :]
+        if self.cfg.hyena_training_additions:
+            # dropout(v * x1) == v * dropout(x1): same shape and rng, hence the same mask.
+            x1 = dropout(x1, rate, rng_v)
         y_BxHxL = long_conv_block(
             x1, x2, v, filters.gate, u_BxHxL, filters.residual,
             implementation=self.cfg.long_conv_implementation,
         ).astype(compute)
         if self.cfg.hyena_training_additions:
             y_BxHxL = dropout(y_BxHxL, rate, rng_y)
+        if seqs > 1:
+            y_BxHxL = y_BxHxL.reshape(1, H, seqs * seq_len)
         return _project(y_BxHxL, self.out_linear,
                         "bil,io->bol" if channels_first else "bhl,hk->blk", compute)
 

@@ -10,8 +10,9 @@ runs that at about 3x the rate of the same contraction with the block axis in th
 the canonical batch-major layout of a GPU/TPU batched GEMM. The transposes of the activations
 live inside the jitted computation; the stored weight layout does not change.
 
-At batch size 1 the encoder runs `blockdiag_matmul_channels_first` on channels-first
-activations (1, K*P, L): there each block is a contiguous slab of rows and nothing is copied.
+In its token-major layout (one sequence, and the compiled inference call, `M2BertModel.encode`)
+the encoder runs `blockdiag_matmul_channels_first` on channels-first activations
+(1, K*P, tokens): there each block is a contiguous slab of rows and nothing is copied.
 
 The DFT as a Monarch product (spec section 7) lives with the long convolution:
 `kernels.long_conv_block.xla_monarch`.

@@ -92,7 +92,8 @@ def test_over_the_memory_limit_nothing_is_kept(computations, monkeypatch):
     assert computations == [] and model.bert not in filter_cache._entries
     np.testing.assert_allclose(out, _traced(model, ids), rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(filter_cache, "MAX_BYTES", filter_cache.filter_bytes(CFG, 16))
-    np.testing.assert_array_equal(model(ids), out)
+    # Kept, the call runs token-major (`M2BertModel.encode`): same numbers up to rounding.
+    np.testing.assert_allclose(model(ids), out, rtol=1e-6, atol=1e-6)
     assert computations == [16] and model.bert in filter_cache._entries
 
 

@@ -1,5 +1,7 @@
 """Sequence mixer and GLU dimension mixer pieces (spec 3.1, 3.4, 3.6)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,9 @@ import scipy.special
 from flax import nnx
 
 import m2jax
-from m2jax.mixers import GLUDimensionMixer, SequenceMixer, dropout, short_causal_conv
+from kernels.long_conv_block import FilterSpectrum, prepare_filter
+from m2jax.mixers import (
+    GLUDimensionMixer, MixerFilters, SequenceMixer, dropout, short_causal_conv)
 from monarch_reference import blockdiag_to_dense
 
 
@@ -173,3 +177,33 @@ def test_the_channels_first_layout_computes_the_same_mixers(additions):
     for module in (mixer, mlp):
         cf = module(jnp.swapaxes(u_BxLxH, 1, 2), channels_first=True)
         np.testing.assert_allclose(jnp.swapaxes(cf, 1, 2), module(u_BxLxH), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("additions", [False, True])
+@pytest.mark.parametrize("spectra", [False, True])
+def test_the_token_major_layout_computes_the_same_sequence_mixer(additions, spectra):
+    """(1, H, S * L), S sequences back to back with `seq_len=L` (the encoder's layout for the
+    compiled call), against each sequence alone; filters as `ConvFilter`s or their spectra."""
+    S, L = 3, 16
+    # Filters S * L long: the last check reads the tokens as one sequence.
+    cfg = m2jax.get_model_config("tiny", hyena_training_additions=additions,
+                                 long_conv_l_max=S * L, max_position_embeddings=S * L)
+    assert cfg.residual_long_conv  # both convolutions, both filters repeated per sequence
+    H = cfg.hidden_size
+    u_SxLxH = jax.random.normal(jax.random.key(4), (S, L, H))
+    mixer = SequenceMixer(cfg, rngs=nnx.Rngs(0))
+    filters = mixer.filters(L)
+    if spectra:
+        prepare = functools.partial(prepare_filter, platform="cpu", dtype=jnp.float32,
+                                    implementation="xla_fft")
+        filters = MixerFilters(prepare(filters.gate), prepare(filters.residual))
+        assert isinstance(filters.gate, FilterSpectrum)
+    tokens_1xHxN = jnp.swapaxes(u_SxLxH.reshape(1, S * L, H), 1, 2)
+    y_1xHxN = mixer(tokens_1xHxN, filters=filters, channels_first=True, seq_len=L)
+    y_SxLxH = jnp.swapaxes(y_1xHxN, 1, 2).reshape(S, L, H)
+    for s in range(S):
+        alone = mixer(u_SxLxH[s:s + 1])
+        np.testing.assert_allclose(y_SxLxH[s:s + 1], alone, rtol=2e-5, atol=2e-5)
+    # Read as one sequence of S * L tokens instead, the convolutions mix the sequences.
+    joined = mixer(tokens_1xHxN, channels_first=True)
+    assert not np.allclose(joined, y_1xHxN, rtol=1e-3, atol=1e-3)

@@ -1,6 +1,7 @@
 """The assembled M2-BERT models: shapes, dtypes, heads, pooling, input checks, init options."""
 
 import warnings
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -182,12 +183,41 @@ def test_call_compiles_once_per_input_shape_and_equals_the_traced_path(mlm):
 
 
 def test_one_sequence_runs_channels_first_and_gives_the_batched_numbers(mlm):
-    """B = 1 takes the channels-first encoder path, B > 1 the sequence-major one: same rows."""
+    """B = 1 takes the channels-first encoder path, B > 1 the token-major one: same rows."""
     ids, types = _ids(B=2)
     batched = mlm(ids, types)
     for row in range(2):
         single = mlm(ids[row:row + 1], types[row:row + 1])
         np.testing.assert_allclose(single[0], batched[row], rtol=2e-5, atol=2e-5)
+
+
+def _sequence_mixer_layouts(run):
+    """The (channels_first, seq_len, input shape) of every SequenceMixer call while `run()`
+    traces."""
+    seen = []
+    original = m2jax.mixers.SequenceMixer.__call__
+
+    def spy(self, u, **kwargs):
+        seen.append((kwargs.get("channels_first"), kwargs.get("seq_len"), u.shape))
+        return original(self, u, **kwargs)
+
+    with mock.patch.object(m2jax.mixers.SequenceMixer, "__call__", spy):
+        run()
+    return seen
+
+
+def test_the_compiled_call_runs_token_major_and_training_sequence_major(mlm):
+    """With the memoised spectra (the compiled call) the encoder runs token-major,
+    (1, H, B * L); traced with its filters computed inside (training), sequence-major."""
+    B, L, H = 7, 16, CFG.hidden_size  # a batch size no other test compiles
+    ids, types = _ids(B=B, L=L)
+    layouts = _sequence_mixer_layouts(lambda: mlm(ids, types))
+    assert layouts == [(True, L, (1, H, B * L))] * CFG.num_hidden_layers
+    graphdef, state = nnx.split(mlm)
+    train_forward = jax.jit(
+        lambda st: nnx.merge(graphdef, st)(ids, types, dropout_rng=jax.random.key(0)))
+    layouts = _sequence_mixer_layouts(lambda: train_forward(state))
+    assert layouts == [(False, None, (B, L, H))] * CFG.num_hidden_layers
 
 
 def test_checks_run_on_the_host_before_compiling():
