@@ -231,6 +231,12 @@ class SequenceMixer(nnx.Module):
         the projections are plain (out, in) x (in, L) matmuls and nothing is transposed.
         Parameters keep their stored layouts.
         """
+        if seq_len is not None and not (
+            channels_first and u.shape[0] == 1 and u.shape[2] % seq_len == 0):
+            raise ValueError(
+                f"seq_len={seq_len} asks for token-major input, channels-first (1, H, S * "
+                f"seq_len); got {'channels-first' if channels_first else 'sequence-major'} "
+                f"input of shape {tuple(u.shape)}")
         compute = jnp.dtype(self.cfg.dtype)
         rate = self.cfg.sequence_mixer_dropout_prob
         rng_v, rng_y = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)

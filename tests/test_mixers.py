@@ -207,3 +207,16 @@ def test_the_token_major_layout_computes_the_same_sequence_mixer(additions, spec
     # Read as one sequence of S * L tokens instead, the convolutions mix the sequences.
     joined = mixer(tokens_1xHxN, channels_first=True)
     assert not np.allclose(joined, y_1xHxN, rtol=1e-3, atol=1e-3)
+
+
+def test_token_major_input_of_the_wrong_shape_is_refused():
+    cfg = m2jax.get_model_config("tiny")
+    mixer = SequenceMixer(cfg, rngs=nnx.Rngs(0))
+    H = cfg.hidden_size
+    for u, channels_first in (
+        (jnp.zeros((2, H, 16)), True),  # more than one row
+        (jnp.zeros((1, H, 24)), True),  # not a whole number of sequences of 16
+        (jnp.zeros((1, 32, H)), False),  # sequence-major
+    ):
+        with pytest.raises(ValueError, match="token-major"):
+            mixer(u, channels_first=channels_first, seq_len=16)
