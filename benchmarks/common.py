@@ -19,6 +19,20 @@ from typing import Any, Callable, Sequence
 import jax
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"8x128,1x2048" -> [(8, 128), (1, 2048)]: the (B, L) shapes of a `--shapes` flag.
+
+    Raises ValueError naming the entry that is not two positive integers joined by "x".
+    """
+    shapes = []
+    for entry in text.split(","):
+        parts = entry.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shape {entry!r} in {text!r} is not BxL (e.g. 8x128)")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
 def time_call(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, Any]:
     """Median wall time of ``fn()`` in ms (blocked until ready) after `warmup` untimed calls.
 

@@ -202,14 +202,17 @@ def main() -> None:
     p.add_argument("--reference", default="/work/refm2/bert")
     p.add_argument("--out", default="out/cpu_vs_reference.json")
     args = p.parse_args()
+    try:
+        shapes = common.parse_shapes(args.shapes)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
 
     missing = _reference_missing(args.reference_python, args.reference)
     if missing:
         print(f"note: the PyTorch reference is not available ({missing}); timing m2jax only.")
     env = common.environment()
     rows = []
-    for shape in args.shapes.split(","):
-        b, l = (int(v) for v in shape.lower().split("x"))
+    for b, l in shapes:
         rows.append(run_shape(b, l, args, missing))
         r = rows[-1]
         print(f"  B={b} L={l}: m2jax {r['m2jax_tokens_per_s']:.0f} tok/s"

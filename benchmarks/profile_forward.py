@@ -113,11 +113,14 @@ def main() -> None:
     args = p.parse_args()
     if args.calls < 1:
         p.error(f"--calls must be >= 1; got {args.calls}")
+    try:
+        shapes = common.parse_shapes(args.shapes)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
 
     env = common.environment()
     rows = []
-    for shape in args.shapes.split(","):
-        b, l = (int(v) for v in shape.lower().split("x"))
+    for b, l in shapes:
         r = profile_shape(args.model, b, l, args.calls, args.seed, args.top)
         rows.append(r)
         print(f"\nB={b} L={l}: call {r['call_ms']:.1f} ms (traced {r['traced_call_ms']:.1f} ms: "

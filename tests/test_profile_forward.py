@@ -8,7 +8,7 @@ import pytest
 from train_fixtures import ROOT
 
 sys.path.insert(0, ROOT)
-from benchmarks import profile_forward  # noqa: E402
+from benchmarks import common, profile_forward  # noqa: E402
 
 
 def _write_trace(directory, events):
@@ -68,3 +68,18 @@ def test_calls_below_one_are_a_usage_error(monkeypatch, capsys):
         profile_forward.main()
     assert exc.value.code == 2
     assert "--calls must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_a_malformed_shape_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_forward.py", "--shapes", "8x128,2048"])
+    with pytest.raises(SystemExit) as exc:
+        profile_forward.main()
+    assert exc.value.code == 2
+    assert "--shapes: shape '2048' in '8x128,2048' is not BxL" in capsys.readouterr().err
+
+
+def test_shapes_are_parsed_as_batch_and_length():
+    assert common.parse_shapes("8x128, 1X2048") == [(8, 128), (1, 2048)]
+    for bad in ("8x", "0x128", "8x128x2", "axb"):
+        with pytest.raises(ValueError, match="is not BxL"):
+            common.parse_shapes(bad)
