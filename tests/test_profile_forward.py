@@ -62,20 +62,16 @@ def test_the_tiny_models_forward_is_profiled_and_written(tmp_path, monkeypatch, 
     assert f"wrote {out}" in printed
 
 
-def test_calls_below_one_are_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["profile_forward.py", "--calls", "0"])
+@pytest.mark.parametrize("flags, message", [
+    (["--calls", "0"], "--calls must be >= 1; got 0"),
+    (["--shapes", "8x128,2048"], "--shapes: shape '2048' in '8x128,2048' is not BxL"),
+])
+def test_bad_flags_are_usage_errors(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(sys, "argv", ["profile_forward.py", *flags])
     with pytest.raises(SystemExit) as exc:
         profile_forward.main()
     assert exc.value.code == 2
-    assert "--calls must be >= 1; got 0" in capsys.readouterr().err
-
-
-def test_a_malformed_shape_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["profile_forward.py", "--shapes", "8x128,2048"])
-    with pytest.raises(SystemExit) as exc:
-        profile_forward.main()
-    assert exc.value.code == 2
-    assert "--shapes: shape '2048' in '8x128,2048' is not BxL" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_shapes_are_parsed_as_batch_and_length():
