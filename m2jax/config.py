@@ -67,7 +67,8 @@ class M2BertConfig:
     dtype: str = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"; params stay float32
     # How the gated long-convolution block runs: kernels.long_conv_block.IMPLEMENTATIONS. "auto"
     # picks per platform (Triton kernel on CUDA, the faster XLA path on CPU, the TPU path on TPU);
-    # "xla_fft", "xla_monarch" (DFT as matmuls), "pallas_triton" name one path everywhere.
+    # "xla_fft", "xla_monarch" (DFT as matmuls), "xla_dense_dft" (L <= 128), "pallas_triton",
+    # "pallas_mosaic_tpu" name one path everywhere.
     long_conv_implementation: str = "auto"
     same_init_across_layers: bool = False  # reproduce the reference's deepcopy init quirk (spec 0)
     # Dropout on `v` and `y` inside the mixer when hyena_training_additions is on (spec 3.6). The

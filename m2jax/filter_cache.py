@@ -13,9 +13,9 @@ are immutable) and is reused only while every one of them is still the one the m
 any update (`nnx.update`, `variable[...] = ...`, loading weights) recomputes it on the next call.
 Models holding a numpy array in a filter variable (mutable in place) are never memoised.
 
-What is kept is what the forward takes (`M2BertModel.reusable_filters`): where the XLA FFT path
-runs (CPU), each filter's FFT spectrum, so the forward also skips those FFTs; elsewhere the
-filters themselves.
+What is kept is what the forward takes (`M2BertModel.reusable_filters`): on CPU, where the XLA
+paths that take spectra run (the dense DFT at L <= 128, else the FFT), each filter's spectrum,
+so the forward also skips those transforms; elsewhere the filters themselves.
 
 Memory: the filters take `filter_bytes(cfg, L)` bytes (about 300 MB for the 80M model at
 L = 2048, 19 MB at L = 128); one length is kept per model, and nothing is kept when that exceeds
@@ -50,7 +50,7 @@ def filter_bytes(cfg: Any, seq_len: int) -> int:
     """Bytes of one model's memoised filters at length L, the larger of their two forms
     (`M2BertModel.reusable_filters`): per layer and filter set (gate, and the residual one with
     `residual_long_conv`), either the float32 (H, L) forward and (bidirectional) reverse kernels
-    and the (H,) skip weight, or the complex64 (H, L + 1) spectrum the XLA FFT path takes."""
+    and the (H,) skip weight, or the complex64 (H, L + 1) spectrum the XLA paths take."""
     sets = 1 + int(cfg.residual_long_conv)
     kernels = 1 + int(cfg.bidirectional)
     per_set = max((kernels * seq_len + 1) * 4, (seq_len + 1) * 8) * cfg.hidden_size

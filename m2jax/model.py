@@ -264,8 +264,9 @@ class M2BertModel(nnx.Module):
         # is a plain (out, in) x (in, B * L) product and nothing is transposed between the
         # mixers (the convolutions read it as (1, H * B, L), `SequenceMixer`). Taken for one
         # sequence (15% less CPU time at 1 x 2048 than sequence-major) and, for B > 1, where the
-        # filters come as spectra (the compiled inference call on the XLA FFT path: repeating a
-        # spectrum per sequence is a broadcast inside its product; 5-6% less time at 8 x 128).
+        # filters come as spectra (the compiled inference call on CPU, whose XLA paths take
+        # spectra: repeating a spectrum per sequence is a broadcast inside its product; 5-6% less
+        # time at 8 x 128).
         # Otherwise (training, time-domain filters) the layers run sequence-major, (B, L, H):
         # the train step was 6% slower channels-first, and every implementation would compute
         # B times the spectra of repeated time-domain filters. Same numbers either way.
@@ -290,8 +291,9 @@ class M2BertModel(nnx.Module):
 
     def reusable_filters(self, seq_len: int, platform: str) -> tuple[MixerFilters, ...]:
         """`filters(L)` in the form the forward on `platform` takes best when they serve many
-        calls (`kernels.long_conv_block.prepare_filter`): the FFT spectra where the XLA FFT path
-        runs (two FFTs fewer per layer and call), else the filters as they are."""
+        calls (`kernels.long_conv_block.prepare_filter`): the spectra where an XLA path that
+        takes them runs (CPU: the dense DFT at L <= 128, else the FFT; two transforms fewer per
+        layer and call), else the filters as they are."""
         prepare = functools.partial(prepare_filter, platform=platform, dtype=self.cfg.dtype,
                                     implementation=self.cfg.long_conv_implementation)
         return tuple(

@@ -33,12 +33,18 @@ def test_benchmark_smoke_writes_valid_json(tmp_path):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
 
     block = data["block"]
-    assert {(r["implementation"], r["pass"], r["seq_len"]) for r in block} == {
-        (i, p, l) for i in ("pallas_triton", "xla_fft", "xla_monarch")
-        for p in ("forward", "forward+backward") for l in (128, 256)}
+    prepared = "forward, prepared filters"
+    assert {(r["implementation"], r["pass"], r["seq_len"]) for r in block} == (
+        {(i, p, l) for i in ("pallas_triton", "xla_fft", "xla_monarch")
+         for p in ("forward", "forward+backward") for l in (128, 256)}
+        | {("xla_fft", prepared, l) for l in (128, 256)}
+        # The dense DFT takes L <= 128 only.
+        | {("xla_dense_dft", p, 128) for p in ("forward", "forward+backward", prepared)})
+    assert all("error" not in r for r in block)
     assert all(r["interpreted"] for r in block if r["implementation"] == "pallas_triton")
-    assert all(r["rel_err_vs_xla"] < 1e-5 for r in block
-               if r["implementation"] != "xla_fft" and r["pass"] == "forward")
+    checked = [r for r in block if r["pass"] != "forward+backward"
+               and (r["implementation"], r["pass"]) != ("xla_fft", "forward")]
+    assert len(checked) == 8 and all(r["rel_err_vs_xla"] < 1e-5 for r in checked)
     assert all(r["tokens_per_ms"] > 0 for r in block)
 
     s = data["summary"]
@@ -47,6 +53,7 @@ def test_benchmark_smoke_writes_valid_json(tmp_path):
     assert abs(ratio - by[("m2-bert-base-80m[auto]", 128)] / by[("bert-base-transformer", 128)]) < 1e-9
     assert s["m2_L8192_over_L512"] is None  # those lengths were not run
     assert "pallas_triton_speedup_forward_L256" in s and "xla_monarch_speedup_forward_L128" in s
+    assert "xla_dense_dft_speedup_forward_prepared_L128" in s
     assert "Summary:" in proc.stdout and "tokens/ms" in proc.stdout
 
 

@@ -220,6 +220,30 @@ def test_the_compiled_call_runs_token_major_and_training_sequence_major(mlm):
     assert layouts == [(False, None, (B, L, H))] * CFG.num_hidden_layers
 
 
+@pytest.mark.parametrize("L,ffts", [(128, False), (144, True)])
+def test_the_compiled_call_on_cpu_runs_dense_dft_matmuls_up_to_l128(L, ffts):
+    """The compiled call's convolutions: at L <= 128 the dense DFT (two matmuls each, no FFT op
+    in the lowered module), beyond it XLA's FFTs; the train-time trace keeps the FFTs."""
+    cfg = CFG.replace(max_position_embeddings=L, long_conv_l_max=L)
+    model = m2jax.M2BertForMaskedLM(cfg, rngs=nnx.Rngs(0))
+    ids, types = _ids(B=2, L=L)
+    calls = []
+    original = m2jax.model._compiled_call
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    with mock.patch.object(m2jax.model, "_compiled_call", spy):
+        model(ids, types)
+    (args,) = calls
+    assert ("fft" in original.lower(*args).as_text()) == ffts
+    graphdef, state = nnx.split(model)
+    train_forward = jax.jit(
+        lambda st: nnx.merge(graphdef, st)(ids, types, dropout_rng=jax.random.key(0)))
+    assert "fft" in train_forward.lower(state).as_text()
+
+
 def test_checks_run_on_the_host_before_compiling():
     model = m2jax.M2BertForMaskedLM(CFG, rngs=nnx.Rngs(0))
     ids, types = _ids()

@@ -8,6 +8,8 @@
 
 * ``"xla_fft"``: XLA real FFTs of length 2L (`xla_fft`);
 * ``"xla_monarch"``: the DFT as matmuls, spec section 7 (`xla_monarch`);
+* ``"xla_dense_dft"``: the real DFT as one dense matmul each way, for L <= 128
+  (`xla_dense_dft`);
 * ``"pallas_triton"``: the fused Triton-Pallas kernel with its custom VJP (`pallas_triton`),
   interpreted off a GPU;
 * ``"pallas_mosaic_tpu"``: the fused Mosaic TPU kernel with its custom VJP
@@ -22,8 +24,12 @@ Every implementation module has ``long_conv_block(x1, x2, v, gate, u=None, resid
 `AUTO_PREFERENCES`).
 
 Callers that run many inputs through one set of filters (inference) may pass each filter through
-`prepare_filter` once: where the XLA FFT path will run, that is the filter's spectrum
-(`base.FilterSpectrum`), which the block then takes as it is, on the XLA FFT path.
+`prepare_filter` once: where an XLA path that takes spectra will run, that is the filter's
+spectrum (`base.FilterSpectrum`), which the block then takes as it is. `SPECTRUM_PREFERENCES`
+lists, per platform, the paths that run a spectrum: on CPU the dense DFT for short sequences
+(1.4-2.6x faster forward than XLA's one-thread FFTs at L <= 128, docs/perf.md), else the FFT.
+The dense DFT is not in ``auto``'s choice for `ConvFilter`s (training): its backward ran 1.4x
+slower than the FFT path's on the same CPU.
 """
 
 from __future__ import annotations
@@ -44,19 +50,31 @@ Array = jax.Array
 _MODULES = {
     "xla_fft": "kernels.long_conv_block.xla_fft",
     "xla_monarch": "kernels.long_conv_block.xla_monarch",
+    "xla_dense_dft": "kernels.long_conv_block.xla_dense_dft",
     "pallas_triton": "kernels.long_conv_block.pallas_triton",
     "pallas_mosaic_tpu": "kernels.long_conv_block.pallas_mosaic_tpu",
 }
 # Names users may pass; a slot without a module gives a clear error.
-IMPLEMENTATIONS = ("auto", "xla_fft", "xla_monarch", "pallas_triton", "pallas_mosaic_tpu")
+IMPLEMENTATIONS = ("auto", "xla_fft", "xla_monarch", "xla_dense_dft", "pallas_triton",
+                   "pallas_mosaic_tpu")
 
 # `auto`, per lowering platform: candidates in order of preference (the last always supports L).
 # CPU: the faster XLA path measured on the 2-core dev machine (benchmarks/long_conv_block.py,
-# docs/perf.md). TPU: its kernel, else the matmul DFT (XLA's TPU FFT is slow for large N).
+# docs/perf.md) for filters computed in the call (training): the FFT, whose backward beat the
+# dense DFT's. TPU: its kernel, else the matmul DFT (XLA's TPU FFT is slow for large N).
 AUTO_PREFERENCES = {
     "cpu": ("xla_fft",),
     "cuda": ("pallas_triton", "xla_fft"),
     "tpu": ("pallas_mosaic_tpu", "xla_monarch", "xla_fft"),
+    "default": ("xla_fft",),
+}
+
+# The implementations that take a `FilterSpectrum`, and for spectra under `auto`, per lowering
+# platform, those tried in order (the last always supports L). CPU: the dense DFT's matmuls use
+# every core where XLA:CPU's FFT runs on one; beyond its MAX_SEQ_LEN the FFT is faster.
+SPECTRUM_IMPLEMENTATIONS = ("xla_fft", "xla_dense_dft")
+SPECTRUM_PREFERENCES = {
+    "cpu": ("xla_dense_dft", "xla_fft"),
     "default": ("xla_fft",),
 }
 
@@ -92,6 +110,14 @@ def auto_choice(platform: str, seq_len: int, dtype: jnp.dtype) -> str:
     raise AssertionError(f"no implementation supports L = {seq_len} on {platform}")
 
 
+def spectrum_choice(platform: str, seq_len: int, dtype: jnp.dtype) -> str:
+    """The implementation ``"auto"`` runs filter spectra with on `platform` for L and dtype."""
+    for name in SPECTRUM_PREFERENCES.get(platform, SPECTRUM_PREFERENCES["default"]):
+        if implementation_module(name).supports(seq_len, dtype):
+            return name
+    raise AssertionError(f"no spectrum implementation supports L = {seq_len} on {platform}")
+
+
 def prepare_filter(filt: ConvFilter, *, platform: str, dtype: jnp.dtype,
                    implementation: str = "auto") -> ConvFilter | FilterSpectrum:
     """`filt` in the form `long_conv_block` runs fastest with when it is reused across calls.
@@ -103,24 +129,26 @@ def prepare_filter(filt: ConvFilter, *, platform: str, dtype: jnp.dtype,
         implementation: as for `long_conv_block`.
 
     Returns:
-        Where the XLA FFT path runs (named, or `auto`'s choice on `platform`), the filter's
-        spectrum (`xla_fft.filter_spectrum`, complex64 (H, L + 1)): the block skips computing
-        it. Otherwise `filt` unchanged (the kernels build their own spectra). Either gives the
-        same block; a spectrum passed where another platform runs it still computes the right
-        values, on the XLA FFT path.
+        Where the XLA FFT path runs (named, or `auto`'s choice on `platform`) or the dense DFT is
+        named, the filter's spectrum (`xla_fft.filter_spectrum`, complex64 (H, L + 1)): the
+        block skips computing it, and under `auto` runs it on `spectrum_choice`'s path.
+        Otherwise `filt` unchanged (the kernels build their own spectra). Either gives the same
+        block; a spectrum passed where another platform runs it still computes the right values,
+        on that platform's `SPECTRUM_PREFERENCES`.
     """
     _check_implementation(implementation)
     seq_len = filt.k_fwd_HxL.shape[-1]
     name = (auto_choice(platform, seq_len, jnp.dtype(dtype)) if implementation == "auto"
             else implementation)
-    if name != "xla_fft":
+    if name not in SPECTRUM_IMPLEMENTATIONS:
         return filt
     return implementation_module("xla_fft").filter_spectrum(filt)
 
 
 def _auto(x1, x2, v, gate, u, residual):
     seq_len, dtype = v.shape[-1], v.dtype
-    choice = {p: auto_choice(p, seq_len, dtype) for p in AUTO_PREFERENCES}
+    choose = spectrum_choice if isinstance(gate, FilterSpectrum) else auto_choice
+    choice = {p: choose(p, seq_len, dtype) for p in AUTO_PREFERENCES}
     # Inside a branch, the compiled kernel (never the interpreter) runs on its own platform.
     branch = {p: functools.partial(_run, choice[p], interpret=False) for p in choice}
     if len(set(choice.values())) == 1:
@@ -139,8 +167,6 @@ def _run(name: str, x1, x2, v, gate, u, residual, *, interpret: bool | None) -> 
 
 @functools.partial(jax.jit, static_argnames=("implementation", "interpret"))
 def _block(x1, x2, v, gate, u, residual, implementation, interpret):
-    if isinstance(gate, FilterSpectrum):  # only the XLA FFT path takes spectra
-        return _run("xla_fft", x1, x2, v, gate, u, residual, interpret=interpret)
     if implementation == "auto":
         return _auto(x1, x2, v, gate, u, residual)
     return _run(implementation, x1, x2, v, gate, u, residual, interpret=interpret)
@@ -156,7 +182,8 @@ def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
         x1_BxHxL, x2_BxHxL, v_BxHxL: branches of the short convolution, (B, H, L), float32 or
             bf16 (all the same shape).
         gate: `ConvFilter(k_fwd_HxL, k_rev_HxL or None, d_H)` applied to ``v * x1``, or its
-            `prepare_filter` spectrum (`FilterSpectrum`, then the XLA FFT path runs).
+            `prepare_filter` spectrum (`FilterSpectrum`; then ``auto`` runs
+            `spectrum_choice`'s path).
         u_BxHxL: the mixer's input for the residual long convolution, or None (no residual).
         residual: its filter, of gate's kind (given exactly when u is).
         implementation: one of `IMPLEMENTATIONS` (see the module docstring).
@@ -169,15 +196,17 @@ def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
 
     Raises:
         ValueError: an unknown or unavailable implementation, mismatched shapes, an L the
-            explicitly named implementation does not handle, or spectra given to another
-            implementation than the XLA FFT path.
+            explicitly named implementation does not handle, or spectra given to an
+            implementation that does not take them (not in `SPECTRUM_IMPLEMENTATIONS`).
     """
     _check_implementation(implementation)
     base.check_args(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual)
-    if isinstance(gate, FilterSpectrum) and implementation not in ("auto", "xla_fft"):
+    if (isinstance(gate, FilterSpectrum)
+            and implementation not in ("auto",) + SPECTRUM_IMPLEMENTATIONS):
         raise ValueError(
-            f"filter spectra (FilterSpectrum, from prepare_filter) run on the XLA FFT path only; "
-            f"got implementation={implementation!r}. Pass the ConvFilters, or prepare them with "
-            f"implementation={implementation!r} (which keeps them as they are).")
+            f"filter spectra (FilterSpectrum, from prepare_filter) run on the XLA paths "
+            f"{SPECTRUM_IMPLEMENTATIONS} only; got implementation={implementation!r}. Pass the "
+            f"ConvFilters, or prepare them with implementation={implementation!r} (which keeps "
+            f"them as they are).")
     return _block(x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual,
                   implementation=implementation, interpret=interpret)

@@ -17,8 +17,8 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def test_names():
-    assert IMPLEMENTATIONS == ("auto", "xla_fft", "xla_monarch", "pallas_triton",
-                               "pallas_mosaic_tpu")
+    assert IMPLEMENTATIONS == ("auto", "xla_fft", "xla_monarch", "xla_dense_dft",
+                               "pallas_triton", "pallas_mosaic_tpu")
     assert set(AUTO_PREFERENCES) == {"cpu", "cuda", "tpu", "default"}
 
 
@@ -27,6 +27,8 @@ def test_auto_choice_per_platform():
     assert auto_choice("cuda", 2048, f32) == "pallas_triton"
     assert auto_choice("cuda", 100, f32) == "xla_fft"          # outside the kernel's range
     assert auto_choice("cpu", 2048, f32) == AUTO_PREFERENCES["cpu"][0]
+    # ConvFilters (training) keep the FFT on CPU at every L: the dense DFT's backward is slower.
+    assert auto_choice("cpu", 128, f32) == "xla_fft"
     assert auto_choice("tpu", 2048, f32) == "pallas_mosaic_tpu"
     assert auto_choice("tpu", 640, f32) == "xla_monarch"  # outside the TPU kernel's range
     assert auto_choice("tpu", 1, f32) == "xla_fft"  # L = 1: no Monarch factorisation
@@ -60,12 +62,13 @@ def test_shape_errors_name_the_argument():
         long_conv_block(x1.astype(jnp.int32), x2, v, gate, u, res)
 
 
-def test_prepare_filter_gives_spectra_only_where_the_xla_fft_path_runs():
+def test_prepare_filter_gives_spectra_only_where_a_spectrum_path_runs():
     _, _, v, gate, _, _ = test_base.make_inputs(test_base.Case(1, 2, 128))
     f32 = jnp.float32
     assert isinstance(prepare_filter(gate, platform="cpu", dtype=f32), FilterSpectrum)
-    assert isinstance(prepare_filter(gate, platform="cuda", dtype=f32,
-                                     implementation="xla_fft"), FilterSpectrum)
+    for name in ("xla_fft", "xla_dense_dft"):
+        assert isinstance(prepare_filter(gate, platform="cuda", dtype=f32, implementation=name),
+                          FilterSpectrum)
     # The kernels and the Monarch path build their own spectra: the filter stays as it is.
     assert prepare_filter(gate, platform="cuda", dtype=f32) is gate
     assert prepare_filter(gate, platform="tpu", dtype=f32) is gate
@@ -77,7 +80,8 @@ def test_prepare_filter_gives_spectra_only_where_the_xla_fft_path_runs():
 def test_filter_spectra_errors_name_the_argument():
     x1, x2, v, gate, u, res = test_base.make_inputs(test_base.Case(1, 2, 16))
     prep = lambda f: prepare_filter(f, platform="cpu", dtype=jnp.float32)
-    with pytest.raises(ValueError, match="XLA FFT path only; got implementation='xla_monarch'"):
+    with pytest.raises(ValueError, match=r"XLA paths \('xla_fft', 'xla_dense_dft'\) only; got "
+                                         r"implementation='xla_monarch'"):
         long_conv_block(x1, x2, v, prep(gate), u, prep(res), implementation="xla_monarch")
     with pytest.raises(ValueError, match="must both be ConvFilters or both FilterSpectrums"):
         long_conv_block(x1, x2, v, prep(gate), u, res)
@@ -85,9 +89,9 @@ def test_filter_spectra_errors_name_the_argument():
         long_conv_block(x1, x2, v, FilterSpectrum(prep(gate).khat_HxF[:, :16]), u, prep(res))
 
 
-def test_spectra_run_the_xla_fft_path_on_every_platform():
-    # A spectrum is the XLA FFT path's operand: auto exported for CUDA carries no Triton call
-    # and computes the same block.
+def test_spectra_run_an_xla_spectrum_path_on_every_platform():
+    # A spectrum is an XLA path's operand (the dense DFT on CPU at this L, the FFT elsewhere):
+    # auto exported for CPU and CUDA carries no Triton call and computes the same block.
     x1, x2, v, gate, u, res = test_base.make_inputs(test_base.Case(2, 4, 128))
     prep = lambda f: prepare_filter(f, platform="cpu", dtype=jnp.float32)
     fn = jax.jit(lambda *a: long_conv_block(*a))

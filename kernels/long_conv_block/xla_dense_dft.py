@@ -1,0 +1,112 @@
+"""The long-convolution block with the real DFT of length 2L as one dense matmul each way.
+
+For short sequences this is the fastest path on CPU: XLA:CPU runs each FFT on one thread (its FFT
+thunk calls DUCC without a thread pool), while a (rows, L) x (L, 2L) matmul runs on every core at
+the matmul rate. The O(L^2) work per row beats the FFT's O(L log L) up to `MAX_SEQ_LEN` on the
+2-core dev machine (docs/perf.md: the gated block at B x L = 8 x 128 ran 1.7-1.9x faster than with
+XLA's FFTs; at L = 256 0.6-1.1x, at L = 512 0.5-0.6x).
+
+Real planes, no complex numbers: a signal's spectrum is kept as ``[Re X_0..X_L, Im X_0..X_L]``,
+float32 (..., 2 (L + 1)), computed as ``x (..., L) @ A (L, 2 (L + 1))`` (only the first L samples
+are non-zero, so only those rows of the DFT are used); the first L outputs of the inverse are
+``P (..., 2 (L + 1)) @ B (2 (L + 1), L)`` with the 1/N and the factor 2 of the paired bins folded
+into B, and zero rows for the imaginary parts of the DC and Nyquist bins (an inverse real DFT
+ignores them). The filter's spectrum, or its `xla_fft.FilterSpectrum`, is split into the same
+planes. Every stage is a plain 2-D matmul or one elementwise pass, so the path also partitions
+under any sharding (XLA:CPU cannot partition an FFT).
+
+DFT matrices are built in float64 NumPy from exact integer phases (k * n mod N) and rounded once
+to float32; the matmuls run at HIGHEST precision (spec 7: the DFT stays float32-accurate).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.long_conv_block import base
+from kernels.long_conv_block.base import ConvFilter, FilterSpectrum
+
+Array = jax.Array
+
+# The longest L this path takes: beyond it the O(L^2) matmuls cost more than the FFTs (measured
+# on the 2-core CPU, docs/perf.md: 0.6-0.9x the FFT path's forward at L = 256), and the DFT
+# matrices (about 2 L^2 floats each) grow.
+MAX_SEQ_LEN = 128
+
+DFT_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def supports(seq_len: int, dtype: jnp.dtype) -> bool:
+    """1 <= L <= MAX_SEQ_LEN, every floating dtype."""
+    del dtype
+    return 1 <= seq_len <= MAX_SEQ_LEN
+
+
+def _phases(rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
+    """2 pi (row * col mod n) / n in float64, the product reduced in exact integers."""
+    return 2 * np.pi * (np.mod(np.outer(rows, cols), n) / n)
+
+
+@functools.lru_cache(maxsize=None)
+def np_forward_planes(samples: int, seq_len: int) -> np.ndarray:
+    """A, float64 (samples, 2 (L + 1)): ``x @ A`` is ``[Re X_0..X_L, Im X_0..X_L]`` for the
+    size-2L DFT X of a signal whose first `samples` entries are x (the rest zero)."""
+    phase = _phases(np.arange(samples), np.arange(seq_len + 1), 2 * seq_len)
+    minus_sin = -np.sin(phase)
+    minus_sin[:, [0, seq_len]] = 0.0  # exactly: the DC and Nyquist bins of a real signal are real
+    return np.concatenate([np.cos(phase), minus_sin], axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def np_inverse_planes(seq_len: int) -> np.ndarray:
+    """B, float64 (2 (L + 1), L): ``P @ B`` is the first L samples of the size-2L inverse real DFT
+    of the spectrum with planes P (ordered as `np_forward_planes` gives them), 1/N included."""
+    phase = _phases(np.arange(seq_len + 1), np.arange(seq_len), 2 * seq_len)
+    # Bins 1..L-1 stand for themselves and their conjugate mirror: weight 2. DC and Nyquist count
+    # once, and their imaginary parts not at all.
+    weight = np.full((seq_len + 1, 1), 2.0)
+    weight[[0, seq_len]] = 1.0
+    minus_sin = -weight * np.sin(phase)
+    minus_sin[[0, seq_len]] = 0.0
+    return np.concatenate([weight * np.cos(phase), minus_sin], axis=0) / (2 * seq_len)
+
+
+def _f32(a: np.ndarray) -> Array:
+    return jnp.asarray(a.astype(np.float32))
+
+
+def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Array, Array]:
+    """The filter's spectrum (doubled kernel, skip folded in) as float32 (re, im), each (H, L + 1).
+
+    A `FilterSpectrum` (complex (H, L + 1), `xla_fft.filter_spectrum`) is split as it is.
+    """
+    if isinstance(filt, FilterSpectrum):
+        khat = filt.khat_HxF
+        return jnp.real(khat).astype(jnp.float32), jnp.imag(khat).astype(jnp.float32)
+    k_Hx2L = base.doubled_kernel(filt)
+    planes = jnp.matmul(k_Hx2L, _f32(np_forward_planes(2 * seq_len, seq_len)),
+                        precision=DFT_PRECISION)
+    return planes[:, :seq_len + 1], planes[:, seq_len + 1:]
+
+
+def _conv(x_BxHxL: Array, filt: ConvFilter | FilterSpectrum) -> Array:
+    seq_len = x_BxHxL.shape[-1]
+    bins = seq_len + 1
+    k_re, k_im = filter_planes(filt, seq_len)
+    x_planes = jnp.matmul(x_BxHxL, _f32(np_forward_planes(seq_len, seq_len)),
+                          precision=DFT_PRECISION)
+    x_re, x_im = x_planes[..., :bins], x_planes[..., bins:]
+    p_planes = jnp.concatenate([x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re], axis=-1)
+    return jnp.matmul(p_planes, _f32(np_inverse_planes(seq_len)), precision=DFT_PRECISION)
+
+
+def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
+                    gate: ConvFilter | FilterSpectrum, u_BxHxL: Array | None = None,
+                    residual: ConvFilter | FilterSpectrum | None = None) -> Array:
+    """`kernels.long_conv_block.long_conv_block` with dense DFT matmuls; shapes and dtypes as
+    there. Filters may be `ConvFilter`s or their spectra (`FilterSpectrum`)."""
+    return base.gated_block(_conv, x1_BxHxL, x2_BxHxL, v_BxHxL, gate, u_BxHxL, residual)
