@@ -93,15 +93,58 @@ def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Arra
     return planes[:, :seq_len + 1], planes[:, seq_len + 1:]
 
 
-def _conv(x_BxHxL: Array, filt: ConvFilter | FilterSpectrum) -> Array:
-    seq_len = x_BxHxL.shape[-1]
-    bins = seq_len + 1
-    k_re, k_im = filter_planes(filt, seq_len)
-    x_planes = jnp.matmul(x_BxHxL, _f32(np_forward_planes(seq_len, seq_len)),
-                          precision=DFT_PRECISION)
+def _matmul(a: Array, b_np: np.ndarray) -> Array:
+    """``a @ b`` with b a float64 NumPy constant rounded once to float32."""
+    return jnp.matmul(a, _f32(b_np), precision=DFT_PRECISION)
+
+
+def _times_spectrum(x_planes: Array, k_re: Array, k_im: Array, *, conjugate: bool = False
+                    ) -> Array:
+    """The complex product (or with conj(k)) of planes (..., 2F) by a spectrum (re, im), (R, F)."""
+    bins = k_re.shape[-1]
     x_re, x_im = x_planes[..., :bins], x_planes[..., bins:]
-    p_planes = jnp.concatenate([x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re], axis=-1)
-    return jnp.matmul(p_planes, _f32(np_inverse_planes(seq_len)), precision=DFT_PRECISION)
+    if conjugate:
+        k_im = -k_im
+    return jnp.concatenate([x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re], axis=-1)
+
+
+@jax.custom_vjp
+def _spectral_conv(x_BxHxL: Array, k_re: Array, k_im: Array) -> Array:
+    """First L samples of the inverse DFT of ``DFT(x) * k``, float32 (B, H, L); k (H, L + 1)."""
+    return _spectral_conv_fwd(x_BxHxL, k_re, k_im)[0]
+
+
+def _spectral_conv_fwd(x_BxHxL, k_re, k_im):
+    seq_len = x_BxHxL.shape[-1]
+    x_planes = _matmul(x_BxHxL, np_forward_planes(seq_len, seq_len))
+    y = _matmul(_times_spectrum(x_planes, k_re, k_im), np_inverse_planes(seq_len))
+    return y, (x_planes, k_re, k_im)
+
+
+def _spectral_conv_bwd(residuals, g_BxHxL):
+    # Written out rather than left to autodiff, whose backward of the planes' slices and
+    # concatenation ran 2x slower than XLA's FFT path (docs/perf.md). The transposed DFT
+    # matrices are constants of their own, so each backward stage is a plain (rows, K) x (K, N)
+    # matmul like the forward's.
+    x_planes, k_re, k_im = residuals
+    seq_len, bins = g_BxHxL.shape[-1], k_re.shape[-1]
+    g_planes = _matmul(g_BxHxL, np_inverse_planes(seq_len).T)
+    dx = _matmul(_times_spectrum(g_planes, k_re, k_im, conjugate=True),
+                 np_forward_planes(seq_len, seq_len).T)
+    g_re, g_im = g_planes[..., :bins], g_planes[..., bins:]
+    x_re, x_im = x_planes[..., :bins], x_planes[..., bins:]
+    lead = tuple(range(x_planes.ndim - 2))  # the axes k was broadcast over
+    dk_re = jnp.sum(g_re * x_re + g_im * x_im, axis=lead)
+    dk_im = jnp.sum(g_im * x_re - g_re * x_im, axis=lead)
+    return dx, dk_re, dk_im
+
+
+_spectral_conv.defvjp(_spectral_conv_fwd, _spectral_conv_bwd)
+
+
+def _conv(x_BxHxL: Array, filt: ConvFilter | FilterSpectrum) -> Array:
+    k_re, k_im = filter_planes(filt, x_BxHxL.shape[-1])
+    return _spectral_conv(x_BxHxL, k_re, k_im)
 
 
 def long_conv_block(x1_BxHxL: Array, x2_BxHxL: Array, v_BxHxL: Array,
