@@ -28,8 +28,8 @@ Callers that run many inputs through one set of filters (inference) may pass eac
 spectrum (`base.FilterSpectrum`), which the block then takes as it is. `SPECTRUM_PREFERENCES`
 lists, per platform, the paths that run a spectrum: on CPU the dense DFT for short sequences
 (1.4-2.6x faster forward than XLA's one-thread FFTs at L <= 128, docs/perf.md), else the FFT.
-The dense DFT is not in ``auto``'s choice for `ConvFilter`s (training): its backward ran 1.4x
-slower than the FFT path's on the same CPU.
+The dense DFT is not in ``auto``'s choice for `ConvFilter`s (training): its forward + backward
+ran at 0.9x the FFT path's speed on the same CPU.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ IMPLEMENTATIONS = ("auto", "xla_fft", "xla_monarch", "xla_dense_dft", "pallas_tr
 
 # `auto`, per lowering platform: candidates in order of preference (the last always supports L).
 # CPU: the faster XLA path measured on the 2-core dev machine (benchmarks/long_conv_block.py,
-# docs/perf.md) for filters computed in the call (training): the FFT, whose backward beat the
-# dense DFT's. TPU: its kernel, else the matmul DFT (XLA's TPU FFT is slow for large N).
+# docs/perf.md) for filters computed in the call (training): the FFT, whose forward + backward
+# beat the dense DFT's. TPU: its kernel, else the matmul DFT (XLA's TPU FFT is slow for large N).
 AUTO_PREFERENCES = {
     "cpu": ("xla_fft",),
     "cuda": ("pallas_triton", "xla_fft"),

@@ -3,8 +3,9 @@
 For short sequences this is the fastest path on CPU: XLA:CPU runs each FFT on one thread (its FFT
 thunk calls DUCC without a thread pool), while a (rows, L) x (L, 2L) matmul runs on every core at
 the matmul rate. The O(L^2) work per row beats the FFT's O(L log L) up to `MAX_SEQ_LEN` on the
-2-core dev machine (docs/perf.md: the gated block at B x L = 8 x 128 ran 1.7-1.9x faster than with
-XLA's FFTs; at L = 256 0.6-1.1x, at L = 512 0.5-0.6x).
+2-core dev machine (docs/perf.md: the gated block's forward at L = 128 ran 1.3-1.9x faster than
+with XLA's FFTs; at L = 256 0.6-1.1x, at L = 512 0.5-0.6x). Forward + backward it ran at about
+0.9x, so `auto` runs it for prepared filter spectra (inference) only.
 
 Real planes, no complex numbers: a signal's spectrum is kept as ``[Re X_0..X_L, Im X_0..X_L]``,
 float32 (..., 2 (L + 1)), computed as ``x (..., L) @ A (L, 2 (L + 1))`` (only the first L samples
@@ -13,7 +14,8 @@ are non-zero, so only those rows of the DFT are used); the first L outputs of th
 into B, and zero rows for the imaginary parts of the DC and Nyquist bins (an inverse real DFT
 ignores them). The filter's spectrum, or its `xla_fft.FilterSpectrum`, is split into the same
 planes. Every stage is a plain 2-D matmul or one elementwise pass, so the path also partitions
-under any sharding (XLA:CPU cannot partition an FFT).
+under any sharding (XLA:CPU cannot partition an FFT). The backward is written out (a custom VJP):
+the same two matmuls with the transposed constants and the conjugate product.
 
 DFT matrices are built in float64 NumPy from exact integer phases (k * n mod N) and rounded once
 to float32; the matmuls run at HIGHEST precision (spec 7: the DFT stays float32-accurate).
