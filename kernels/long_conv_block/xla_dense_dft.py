@@ -145,7 +145,13 @@ _spectral_conv.defvjp(_spectral_conv_fwd, _spectral_conv_bwd)
 
 
 def _conv(x_BxHxL: Array, filt: ConvFilter | FilterSpectrum) -> Array:
-    k_re, k_im = filter_planes(filt, x_BxHxL.shape[-1])
+    seq_len = x_BxHxL.shape[-1]
+    if not supports(seq_len, x_BxHxL.dtype):
+        raise ValueError(
+            f"implementation 'xla_dense_dft' takes 1 <= L <= {MAX_SEQ_LEN} (its DFT matrices grow "
+            f"as L^2, and beyond that XLA's FFT is faster); got L = {seq_len}. Use 'xla_fft' or "
+            f"'auto'.")
+    k_re, k_im = filter_planes(filt, seq_len)
     return _spectral_conv(x_BxHxL, k_re, k_im)
 
 

@@ -32,6 +32,9 @@ def test_supports_up_to_its_longest_sequence():
     assert xla_dense_dft.supports(1, jnp.float32) and xla_dense_dft.supports(128, jnp.bfloat16)
     assert not xla_dense_dft.supports(0, jnp.float32)
     assert not xla_dense_dft.supports(129, jnp.float32)
+    args = test_base.make_inputs(test_base.Case(1, 2, 129))
+    with pytest.raises(ValueError, match=r"'xla_dense_dft' takes 1 <= L <= 128.*got L = 129"):
+        long_conv_block(*args, implementation="xla_dense_dft")
 
 
 @pytest.mark.parametrize("l", [1, 2, 7, 128])
