@@ -46,6 +46,12 @@ ALL_CASES = (
 )
 
 
+# What the filter-spectrum variants run (a spectrum only replaces the filter's transform): both
+# filter kinds, odd and shortest L, bf16.
+SPECTRUM_CASES = tuple(c for c in ALL_CASES if c.id in (
+    "B2H3L128-res-rev-float32", "B2H2L7-float32", "B3H2L1-res-rev-float32", "B1H2L96-res-bfloat16"))
+
+
 def rel_err(actual, expected) -> float:
     actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
     expected = np.asarray(expected, np.float64)

@@ -16,10 +16,14 @@ class TestXlaDenseDft(test_base.LongConvBlockTestBase):
 
 
 class TestXlaDenseDftWithFilterSpectra(test_base.LongConvBlockTestBase):
-    """Every case it supports with the filters as spectra and the default `auto`, which on CPU
-    runs spectra on this path: what the compiled inference call does."""
+    """Cases with the filters as spectra and the default `auto`, which on CPU runs spectra on
+    this path: what the compiled inference call does."""
 
     IMPLEMENTATION = "xla_dense_dft"
+
+    @classmethod
+    def cases(cls) -> list[test_base.Case]:
+        return list(test_base.SPECTRUM_CASES)  # TestXlaDenseDft runs every case it supports
 
     def block(self, x1, x2, v, gate, u=None, res=None):
         prepare = lambda f: prepare_filter(f, platform="cpu", dtype=v.dtype)

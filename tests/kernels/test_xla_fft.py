@@ -18,11 +18,7 @@ class TestXlaFftWithFilterSpectra(test_base.LongConvBlockTestBase):
 
     @classmethod
     def cases(cls) -> list[test_base.Case]:
-        # The spectrum only replaces the filter's FFT: both filter kinds, odd and shortest L,
-        # bf16 (TestXlaFft runs every case with ConvFilters).
-        return [c for c in test_base.ALL_CASES
-                if c.id in ("B2H3L128-res-rev-float32", "B2H2L7-float32", "B3H2L1-res-rev-float32",
-                            "B1H2L96-res-bfloat16")]
+        return list(test_base.SPECTRUM_CASES)  # TestXlaFft runs every case with ConvFilters
 
     def block(self, x1, x2, v, gate, u=None, res=None):
         prepare = lambda f: prepare_filter(f, platform="cpu", dtype=v.dtype)
