@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.long_conv_block import ConvFilter, implementation_module, long_conv_block
+from kernels.long_conv_block import (ConvFilter, FilterSpectrum, implementation_module,
+                                     long_conv_block, prepare_filter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,3 +189,24 @@ class LongConvBlockTestBase:
         y = self.block(ones, ones, v, rev_only, v, fwd_only._replace(d_H=zeros_h + 2.0))
         shifted = jnp.concatenate([v[..., 1:], jnp.zeros_like(v[..., :1])], axis=-1)
         np.testing.assert_allclose(np.asarray(y), np.asarray(shifted + 3.0 * v), atol=1e-5)
+
+
+class FilterSpectrumTestBase(LongConvBlockTestBase):
+    """The same checks with the filters passed as their spectra (`prepare_filter`, what the
+    memoised inference call keeps) on `SPECTRUM_CASES`: forward values and gradients, the
+    filters' included. Subclasses set IMPLEMENTATION, a path that takes spectra; it is named in
+    the call (under `auto` a spectrum runs `spectrum_choice`'s path)."""
+
+    @classmethod
+    def cases(cls) -> list[Case]:
+        return list(SPECTRUM_CASES)
+
+    def block(self, x1, x2, v, gate, u=None, res=None):
+        prepare = lambda f: prepare_filter(f, platform="cpu", dtype=v.dtype,
+                                           implementation=self.IMPLEMENTATION)
+        gate_hat = prepare(gate)
+        assert isinstance(gate_hat, FilterSpectrum)
+        assert gate_hat.khat_HxF.shape == (v.shape[1], v.shape[2] + 1)
+        assert gate_hat.khat_HxF.dtype == jnp.complex64
+        return long_conv_block(x1, x2, v, gate_hat, u, None if res is None else prepare(res),
+                               implementation=self.IMPLEMENTATION)

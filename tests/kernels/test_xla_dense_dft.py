@@ -7,28 +7,22 @@ import numpy as np
 import pytest
 
 import test_base
-from kernels.long_conv_block import (FilterSpectrum, long_conv_block, prepare_filter,
-                                     spectrum_choice, xla_dense_dft)
+from kernels.long_conv_block import long_conv_block, prepare_filter, spectrum_choice, xla_dense_dft
 
 
 class TestXlaDenseDft(test_base.LongConvBlockTestBase):
     IMPLEMENTATION = "xla_dense_dft"
 
 
-class TestXlaDenseDftWithFilterSpectra(test_base.LongConvBlockTestBase):
-    """Cases with the filters as spectra and the default `auto`, which on CPU runs spectra on
-    this path: what the compiled inference call does."""
-
+class TestXlaDenseDftWithFilterSpectra(test_base.FilterSpectrumTestBase):
     IMPLEMENTATION = "xla_dense_dft"
 
-    @classmethod
-    def cases(cls) -> list[test_base.Case]:
-        return list(test_base.SPECTRUM_CASES)  # TestXlaDenseDft runs every case it supports
 
-    def block(self, x1, x2, v, gate, u=None, res=None):
-        prepare = lambda f: prepare_filter(f, platform="cpu", dtype=v.dtype)
-        assert isinstance(prepare(gate), FilterSpectrum)
-        return long_conv_block(x1, x2, v, prepare(gate), u, None if res is None else prepare(res))
+class TestAutoWithFilterSpectra(test_base.FilterSpectrumTestBase):
+    """What the compiled inference call does: spectra under the default `auto` (on CPU the
+    dense DFT at these lengths, `test_auto_runs_spectra_on_cpu_with_the_dense_dft...`)."""
+
+    IMPLEMENTATION = "auto"
 
 
 def test_supports_up_to_its_longest_sequence():

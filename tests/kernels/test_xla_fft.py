@@ -1,32 +1,14 @@
 """The XLA-FFT long-conv block against the direct sum (shared cases in test_base.py)."""
 
-import jax.numpy as jnp
-
 import test_base
-from kernels.long_conv_block import FilterSpectrum, long_conv_block, prepare_filter
 
 
 class TestXlaFft(test_base.LongConvBlockTestBase):
     IMPLEMENTATION = "xla_fft"
 
 
-class TestXlaFftWithFilterSpectra(test_base.LongConvBlockTestBase):
-    """The same cases with the filters passed as their spectra (`prepare_filter`, what the
-    memoised inference call keeps): forward values and gradients, the filters' included."""
-
+class TestXlaFftWithFilterSpectra(test_base.FilterSpectrumTestBase):
     IMPLEMENTATION = "xla_fft"
-
-    @classmethod
-    def cases(cls) -> list[test_base.Case]:
-        return list(test_base.SPECTRUM_CASES)  # TestXlaFft runs every case with ConvFilters
-
-    def block(self, x1, x2, v, gate, u=None, res=None):
-        prepare = lambda f: prepare_filter(f, platform="cpu", dtype=v.dtype)
-        gate_hat = prepare(gate)
-        assert isinstance(gate_hat, FilterSpectrum)
-        assert gate_hat.khat_HxF.shape == (v.shape[1], v.shape[2] + 1)
-        assert gate_hat.khat_HxF.dtype == jnp.complex64
-        return long_conv_block(x1, x2, v, gate_hat, u, None if res is None else prepare(res))
 
 
 _SHARDED_GRAD = """
