@@ -70,8 +70,7 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
         for impl in impls:
             if not implementation_module(impl).supports(seq_len, jnp.dtype(dtype)):
                 continue
-            prepared = impl in SPECTRUM_IMPLEMENTATIONS
-            for pas in passes + ([PREPARED] if prepared else []):
+            for pas in passes + ([PREPARED] if impl in SPECTRUM_IMPLEMENTATIONS else []):
                 row: dict[str, Any] = {"implementation": impl, "pass": pas, "seq_len": seq_len,
                                        "batch": batch, "hidden": hidden, "dtype": dtype,
                                        "kernel_supports_L": kernel.supports(seq_len, dtype),

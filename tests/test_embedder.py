@@ -132,7 +132,7 @@ def test_filters_are_computed_once_per_length_and_change_nothing(monkeypatch):
     out = embedder.embed(texts)
     embedder.embed(texts)
     assert sorted(lengths) == [128, 256, 512]  # once per bucket, across batches and calls
-    # On CPU it keeps what the XLA FFT path takes: the filters' spectra.
+    # On CPU it keeps what the XLA spectrum paths take: the filters' spectra.
     assert all(isinstance(f, FilterSpectrum)
                for kept in embedder._filters.values() for m in kept for f in m)
     # Over the memory limit nothing is kept: the filters are computed inside every batch.

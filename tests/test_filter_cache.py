@@ -49,7 +49,7 @@ def test_filters_are_computed_once_and_recomputed_when_a_filter_weight_changes(c
     first = model(ids)
     second = model(_ids(seed=1))
     assert computations == [16]  # the second call reused the first one's filters
-    # On CPU the memo holds what the XLA FFT path takes: the filters' spectra.
+    # On CPU the memo holds what the XLA spectrum paths take: the filters' spectra.
     kept = filter_cache._entries[model.bert].filters
     assert all(isinstance(f, FilterSpectrum) for m in kept for f in m)
     np.testing.assert_array_equal(first, model(ids))

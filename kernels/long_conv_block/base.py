@@ -15,7 +15,8 @@ An implementation module (``xla_fft``, ``xla_monarch``, ``pallas_triton``, ...) 
   signature of `kernels.long_conv_block.long_conv_block` without ``implementation``;
 * ``supports(seq_len, dtype) -> bool``, which ``implementation="auto"`` consults.
 
-A filter is a `ConvFilter` (what every implementation takes) or, for the XLA FFT path only, a
+A filter is a `ConvFilter` (what every implementation takes) or, for the XLA paths that take spectra
+(`api.SPECTRUM_IMPLEMENTATIONS`: the FFT and the dense DFT), a
 `FilterSpectrum`: the FFT of its doubled kernel, computed once by a caller that reuses one filter
 across calls (`kernels.long_conv_block.prepare_filter`).
 """
@@ -48,7 +49,7 @@ class ConvFilter(NamedTuple):
 
 
 class FilterSpectrum(NamedTuple):
-    """A `ConvFilter` prepared for the XLA FFT path (`xla_fft.filter_spectrum`).
+    """A `ConvFilter` prepared for the XLA paths that take spectra (`xla_fft.filter_spectrum`).
 
     Attributes:
         khat_HxF: ``rfft(doubled_kernel(filter), n=2L)``, complex64 (H, L + 1): the spectrum of

@@ -81,6 +81,11 @@ def _f32(a: np.ndarray) -> Array:
     return jnp.asarray(a.astype(np.float32))
 
 
+def _split(planes: Array, bins: int) -> tuple[Array, Array]:
+    """Planes (..., 2F) -> (re, im), each (..., F)."""
+    return planes[..., :bins], planes[..., bins:]
+
+
 def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Array, Array]:
     """The filter's spectrum (doubled kernel, skip folded in) as float32 (re, im), each (H, L + 1).
 
@@ -92,7 +97,7 @@ def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Arra
     k_Hx2L = base.doubled_kernel(filt)
     planes = jnp.matmul(k_Hx2L, _f32(np_forward_planes(2 * seq_len, seq_len)),
                         precision=DFT_PRECISION)
-    return planes[:, :seq_len + 1], planes[:, seq_len + 1:]
+    return _split(planes, seq_len + 1)
 
 
 def _matmul(a: Array, b_np: np.ndarray) -> Array:
@@ -103,8 +108,7 @@ def _matmul(a: Array, b_np: np.ndarray) -> Array:
 def _times_spectrum(x_planes: Array, k_re: Array, k_im: Array, *, conjugate: bool = False
                     ) -> Array:
     """The complex product (or with conj(k)) of planes (..., 2F) by a spectrum (re, im), (R, F)."""
-    bins = k_re.shape[-1]
-    x_re, x_im = x_planes[..., :bins], x_planes[..., bins:]
+    x_re, x_im = _split(x_planes, k_re.shape[-1])
     if conjugate:
         k_im = -k_im
     return jnp.concatenate([x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re], axis=-1)
@@ -133,8 +137,7 @@ def _spectral_conv_bwd(residuals, g_BxHxL):
     g_planes = _matmul(g_BxHxL, np_inverse_planes(seq_len).T)
     dx = _matmul(_times_spectrum(g_planes, k_re, k_im, conjugate=True),
                  np_forward_planes(seq_len, seq_len).T)
-    g_re, g_im = g_planes[..., :bins], g_planes[..., bins:]
-    x_re, x_im = x_planes[..., :bins], x_planes[..., bins:]
+    (g_re, g_im), (x_re, x_im) = _split(g_planes, bins), _split(x_planes, bins)
     lead = tuple(range(x_planes.ndim - 2))  # the axes k was broadcast over
     dk_re = jnp.sum(g_re * x_re + g_im * x_im, axis=lead)
     dk_im = jnp.sum(g_im * x_re - g_re * x_im, axis=lead)
