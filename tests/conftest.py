@@ -67,6 +67,21 @@ LONG_FILES = (
 )
 
 
+# Files whose tests share a session fixture that takes a whole training run to build: one
+# pytest-xdist work unit, so that one worker builds it once (with one unit per file, both workers
+# built `tiny_pretraining`, about 20 s each).
+SHARED_WORK_UNITS = {
+    "test_run_semantics.py": "tiny_pretraining",
+    "test_recipes.py": "tiny_pretraining",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept
+    if config.pluginmanager.hasplugin("xdist"):
+        # `--dist loadgroup` (pytest.ini) hands out one unit per group: the file, or its shared unit.
+        for item in items:
+            unit = SHARED_WORK_UNITS.get(item.path.name, str(item.path.relative_to(config.rootpath)))
+            item.add_marker(pytest.mark.xdist_group(unit))
