@@ -72,18 +72,23 @@ def config_help(kind: str, config_file: str, variants: tuple[str, ...]) -> str:
     )
 
 
-def run_job(job: Callable[..., dict], config: Any) -> None:
-    """Runs `job(config, workdir, restart=...)` as the flags say; exits with its code."""
-    from m2jax.train.console import configure_logging
-
-    verbosity = flags.FLAGS["verbosity"].value if flags.FLAGS["verbosity"].present else None
-    configure_logging(verbosity)
+def run_job(job_name: str, config: Any) -> None:
+    """Runs `m2jax.train.jobs.<job_name>(config, workdir, restart=...)` as the flags say; exits
+    with its code."""
+    # --print_config and a missing --workdir are answered before jax loads (seconds): the job's
+    # module is imported after them.
     if PRINT_CONFIG.value:
         print(config, end="")
         sys.exit(0)
     if not WORKDIR.value:
         raise app.UsageError("--workdir is required (or --print_config)")
+    from m2jax.train import jobs
+    from m2jax.train.console import configure_logging
     from m2jax.train.distributed import init_distributed
+
+    job = getattr(jobs, job_name)
+    verbosity = flags.FLAGS["verbosity"].value if flags.FLAGS["verbosity"].present else None
+    configure_logging(verbosity)
 
     init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     sys.exit(

@@ -25,7 +25,6 @@ import numpy as np
 from absl import app, flags
 
 from m2jax.data.text_sources import EMBEDDED_CORPUS, FileTextSource, open_text_source
-from m2jax.embedder import Embedder, cosine_top_k
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "retrieval (or sequence-classification) checkpoint", required=True
@@ -127,6 +126,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_arguments()
+    # Imported after the checks: a usage error is reported before jax and flax load (seconds).
+    from m2jax.embedder import Embedder, cosine_top_k
+
     source = open_corpus(_INPUT.value, _TEXT_FIELD.value, _SPLIT.value)
     texts, where = read_documents(source, _MAX_DOCS.value)
     if not texts:

@@ -34,9 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from m2jax.train.jobs import run_glue
-
-    common.run_job(run_glue, _CONFIG.value)
+    common.run_job("run_glue", _CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -264,10 +265,23 @@ def test_launch_rejects_inconsistent_distributed_flags(args, message, tmp_path, 
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_flag_check_and_the_package_import_load_neither_jax_nor_flax():
+    """A launch checks its multi-process flags while parsing them (above): that check, and
+    `import m2jax` (its public names load on first use), come before jax and flax, so a mistyped
+    flag is reported at once instead of after seconds of imports."""
+    code = ("import sys, m2jax; from m2jax.train.distributed import check_distributed_args; "
+            "check_distributed_args(None, None, None); "
+            "print(sorted(m for m in ('jax', 'flax') if m in sys.modules)); "
+            "m2jax.M2BertForMaskedLM; print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout + out.stderr
+
+
 @pytest.fixture
 def calls(monkeypatch):
     recorded = []
-    monkeypatch.setattr(distributed.jax.distributed, "initialize",
+    monkeypatch.setattr(jax.distributed, "initialize",
                         lambda *a, **k: recorded.append((a, k)))
     monkeypatch.setattr(distributed, "on_tpu_vm", lambda: False)
     for name in distributed.CLUSTER_ENV_VARS:

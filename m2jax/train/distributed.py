@@ -9,10 +9,14 @@ Open MPI. docs/training.md has the TPU pod recipe.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
+
+# jax is imported where it is used: the launches check their flags with `check_distributed_args`
+# at parse time, and a mistyped flag should not wait for jax to load.
+if TYPE_CHECKING:
+    import jax
 
 # Environment variables of the launchers whose settings `jax.distributed.initialize()` reads
 # itself (its cluster auto-detection).
@@ -62,6 +66,8 @@ def init_distributed(
     given, the usual cluster environment variables, or a Cloud TPU VM, where jax finds the
     pod's workers itself); a no-op for a single process. Returns whether it initialised."""
     check_distributed_args(coordinator, num_processes, process_id)
+    import jax
+
     if coordinator is not None:
         jax.distributed.initialize(
             coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
@@ -86,6 +92,9 @@ def on_tpu_vm() -> bool:
 
 def gather_to_host(x: jax.Array) -> np.ndarray:
     """A (possibly multi-host) global array as one NumPy array on every host."""
+    import jax
+    from jax.experimental import multihost_utils
+
     if jax.process_count() == 1:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
