@@ -38,6 +38,7 @@ CI_PARAMETERS = dict(
     TRAIN_MODEL_OVERRIDES=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                hyena_filter_order=16, max_position_embeddings=32,
                                long_conv_l_max=32),
+    TRAIN_TENSORBOARD=False,  # metrics.jsonl instead: no TensorFlow import (seconds) in CI
     RETRIEVAL_CHECKPOINT="",
     EMBED_BATCH_SIZE=4,
     SEARCH_TOP_K=TOP_K,
@@ -155,6 +156,8 @@ def test_training_ran_lowered_the_loss_and_plotted_it(executed):
     assert losses[-1] < losses[0] - 1.0, losses
     assert [e["step"] for e in results["eval"]] == [20, 40]
     assert os.path.exists(os.path.join(workdir, "smoke", "final", "config.json"))
+    written = os.listdir(os.path.join(workdir, "smoke"))  # TRAIN_TENSORBOARD=False reached it
+    assert "metrics.jsonl" in written and not any(f.startswith("events.") for f in written)
     printed = re.search(r"train loss ([\d.]+) at step (\d+) -> ([\d.]+) at step (\d+)",
                         _stdout(nb, "loss-plot"))
     assert printed, _stdout(nb, "loss-plot")
