@@ -20,7 +20,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
 
-# Fewer LLVM passes per compile (train_fixtures.FAST_COMPILE_FLAGS); subprocesses get them too.
+# Faster compiles (train_fixtures.FAST_COMPILE_FLAGS); subprocesses get them too.
 from train_fixtures import FAST_COMPILE_FLAGS  # noqa: E402  (imports no jax)
 
 if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it

@@ -89,8 +89,10 @@ def tiny_pretraining(tmp_path_factory):
 
 # The suite is mostly XLA compiles of tiny programs: LLVM's optimisation passes are a fifth of
 # each compile and buy nothing at these sizes (XLA's own HLO passes still run; no fast-math
-# either way). tests/conftest.py sets them for the test processes, subprocess_env for the rest.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+# either way), and XLA:CPU's MLIR fusion emitters took about twice as long to compile a small
+# program as its LLVM IR emitters (36-40 vs 17-19 ms; a tiny training run's process 19 -> 16 s,
+# same losses). tests/conftest.py sets them for the test processes, subprocess_env for the rest.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 @pytest.fixture(scope="session")
