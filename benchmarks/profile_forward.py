@@ -11,7 +11,10 @@ operations are summed per HLO instruction (on CPU each is one thunk: a matmul fu
 name without its number), divided by the number of calls. `outside_ms` is the wall time per
 traced call minus the operations' time: the host side of the call (argument handling, the tracer
 check, the filter memo's check, dispatch), the executor's gaps between operations and the
-profiler's own overhead (negative where operations ran side by side on two threads).
+profiler's own overhead (negative where operations ran side by side on two threads), and most of
+the time of the dots XLA:CPU runs with Eigen rather than YNNPACK (`dot.N`, e.g. the mixer's
+in/out projections): their events cover the dispatch only, and the matmul completes
+asynchronously in the thread pool (docs/perf.md, fourth session of 2026-12-03).
 
 Prints, per shape, the groups with their share of the operations' time and the `--top` single
 instructions; writes all of it as JSON. Traced calls run a little slower than untraced ones

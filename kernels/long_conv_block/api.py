@@ -27,7 +27,7 @@ Callers that run many inputs through one set of filters (inference) may pass eac
 `prepare_filter` once: where an XLA path that takes spectra will run, that is the filter's
 spectrum (`base.FilterSpectrum`), which the block then takes as it is. `SPECTRUM_PREFERENCES`
 lists, per platform, the paths that run a spectrum: on CPU the dense DFT for short sequences
-(1.4-2.6x faster forward than XLA's one-thread FFTs at L <= 128, docs/perf.md), else the FFT.
+(1.4-2.6x faster forward than XLA's FFTs at L <= 128, docs/perf.md), else the FFT.
 The dense DFT is not in ``auto``'s choice for `ConvFilter`s (training): its forward + backward
 ran at 0.9x the FFT path's speed on the same CPU.
 """
