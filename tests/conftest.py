@@ -81,7 +81,8 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept
     if config.pluginmanager.hasplugin("xdist"):
-        # `--dist loadgroup` (pytest.ini) hands out one unit per group: the file, or its shared unit.
+        # `--dist loadgroup` (pytest.ini) hands out one unit per group: the file, or its shared
+        # unit.
         for item in items:
-            unit = SHARED_WORK_UNITS.get(item.path.name, str(item.path.relative_to(config.rootpath)))
-            item.add_marker(pytest.mark.xdist_group(unit))
+            own = str(item.path.relative_to(config.rootpath))
+            item.add_marker(pytest.mark.xdist_group(SHARED_WORK_UNITS.get(item.path.name, own)))
