@@ -38,15 +38,16 @@ def _inputs(batch: int, hidden: int, seq_len: int, dtype: str):
     return sig, gate, res
 
 
-def forward_and_backward(fwd: Callable[..., jax.Array], cotangent: jax.Array
+def forward_and_backward(fwd: Callable[..., jax.Array], output_like: jax.Array
                          ) -> Callable[..., Any]:
-    """A jitted function of `fwd`'s arguments that runs `fwd` and its VJP with `cotangent`
-    (the gradients of every argument). The cotangent is an argument of the compiled call: with
-    the gradient of a sum (a constant cotangent) XLA constant-folded whole backward stages at
-    compile time ("Constant folding an instruction is taking > 8s") and timed something no
-    training step runs."""
+    """A jitted function of `fwd`'s arguments that runs `fwd` and its VJP (the gradients of every
+    argument) with a random cotangent shaped and typed like `output_like`, `fwd`'s output. The
+    cotangent is an argument of the compiled call: with the gradient of a sum (a constant
+    cotangent) XLA constant-folded whole backward stages at compile time ("Constant folding an
+    instruction is taking > 8s") and timed something no training step runs."""
+    cotangent = jax.random.normal(jax.random.key(1), output_like.shape, jnp.float32)
     step = jax.jit(lambda cot, *args: jax.vjp(fwd, *args)[1](cot))
-    return functools.partial(step, cotangent)
+    return functools.partial(step, cotangent.astype(output_like.dtype))
 
 
 def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: int, warmup: int,
@@ -66,7 +67,6 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
         (x1, x2, v, u), gate, res = _inputs(batch, hidden, seq_len, dtype)
-        cotangent = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(dtype)
         for impl in impls:
             if not implementation_module(impl).supports(seq_len, jnp.dtype(dtype)):
                 continue
@@ -86,7 +86,7 @@ def run(seq_lens: Sequence[int], *, dtype: str, hidden: int, tokens_per_step: in
                 if pas in ("forward", PREPARED):
                     fn = jax.jit(fwd)
                 else:
-                    fn = forward_and_backward(fwd, cotangent)
+                    fn = forward_and_backward(fwd, v)
                 try:
                     if (impl, pas) != (REFERENCE, "forward") and pas != "forward+backward":
                         # Correct first (METHOD.md): against the XLA FFT path, same inputs.

@@ -44,7 +44,6 @@ def run(seq_lens, *, dtype: str, hidden: int, tokens_per_step: int, warmup: int,
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
         (x1, x2, v, u), gate, res = block_bench._inputs(batch, hidden, seq_len, dtype)
-        cotangent = jax.random.normal(jax.random.key(1), v.shape, jnp.float32).astype(dtype)
         expected = (tpu_costs.expected_ns_per_token(seq_len, dtype, chip, hidden)
                     if chip and pallas_mosaic_tpu.supports(seq_len, dtype) else None)
         for impl in IMPLEMENTATIONS:
@@ -61,7 +60,7 @@ def run(seq_lens, *, dtype: str, hidden: int, tokens_per_step: int, warmup: int,
                 fwd = lambda x1, x2, v, u, gate, res, impl=impl: long_conv_block(
                     x1, x2, v, gate, u, res, implementation=impl)
                 fn = (jax.jit(fwd) if pas == "forward"
-                      else block_bench.forward_and_backward(fwd, cotangent))
+                      else block_bench.forward_and_backward(fwd, v))
                 try:
                     if impl != "xla_fft" and pas == "forward":
                         y = fn(x1, x2, v, u, gate, res).astype(jnp.float32)
