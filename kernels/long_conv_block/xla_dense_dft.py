@@ -8,15 +8,19 @@ O(L^2) work per row beats the FFT's O(L log L) up to `MAX_SEQ_LEN` on the 2-core
 L = 256 0.6-1.1x, at L = 512 0.5-0.6x). Forward + backward it ran at about 0.9x, so `auto` runs
 it for prepared filter spectra (inference) only.
 
-Real planes, no complex numbers: a signal's spectrum is kept as ``[Re X_0..X_L, Im X_0..X_L]``,
-float32 (..., 2 (L + 1)), computed as ``x (..., L) @ A (L, 2 (L + 1))`` (only the first L samples
-are non-zero, so only those rows of the DFT are used); the first L outputs of the inverse are
-``P (..., 2 (L + 1)) @ B (2 (L + 1), L)`` with the 1/N and the factor 2 of the paired bins folded
-into B, and zero rows for the imaginary parts of the DC and Nyquist bins (an inverse real DFT
-ignores them). The filter's spectrum, or its `xla_fft.FilterSpectrum`, is split into the same
-planes. Every stage is a plain 2-D matmul or one elementwise pass, so the path also partitions
-under any sharding (XLA:CPU cannot partition an FFT). The backward is written out (a custom VJP):
-the same two matmuls with the transposed constants and the conjugate product.
+Real planes, no complex numbers: a signal's spectrum is ``[Re X_0..X_L, Im X_0..X_L]``, float32,
+``x (..., L) @ A (L, 2 (L + 1))`` (only the first L samples are non-zero, so only those rows of
+the DFT are used); the first L outputs of the inverse are ``P (..., 2 (L + 1)) @ B (2 (L + 1), L)``
+with the 1/N and the factor 2 of the paired bins folded into B, and zero rows for the imaginary
+parts of the DC and Nyquist bins (an inverse real DFT ignores them). The two planes run as
+separate matmuls each way, ``x @ A_re``, ``x @ A_im`` and ``P_re @ B_re + P_im @ B_im``: the
+same FLOPs as one matmul on the concatenated planes, without slicing the forward's output or
+concatenating the product's planes (a pass over the spectra; the block's forward ran 1.26-1.28x
+faster without it at 8 x 128 on the 2-core CPU, docs/perf.md). The filter's spectrum, or its
+`xla_fft.FilterSpectrum`, is split into the same planes. Every stage is a plain 2-D matmul or one
+elementwise pass, so the path also partitions under any sharding (XLA:CPU cannot partition an
+FFT). The backward is written out (a custom VJP): the same matmuls with the transposed constants
+and the conjugate product.
 
 DFT matrices are built in float64 NumPy from exact integer phases (k * n mod N) and rounded once
 to float32; the matmuls run at HIGHEST precision (spec 7: the DFT stays float32-accurate).
@@ -82,11 +86,6 @@ def _f32(a: np.ndarray) -> Array:
     return jnp.asarray(a.astype(np.float32))
 
 
-def _split(planes: Array, bins: int) -> tuple[Array, Array]:
-    """Planes (..., 2F) -> (re, im), each (..., F)."""
-    return planes[..., :bins], planes[..., bins:]
-
-
 def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Array, Array]:
     """The filter's spectrum (doubled kernel, skip folded in) as float32 (re, im), each (H, L + 1).
 
@@ -95,10 +94,7 @@ def filter_planes(filt: ConvFilter | FilterSpectrum, seq_len: int) -> tuple[Arra
     if isinstance(filt, FilterSpectrum):
         khat = filt.khat_HxF
         return jnp.real(khat).astype(jnp.float32), jnp.imag(khat).astype(jnp.float32)
-    k_Hx2L = base.doubled_kernel(filt)
-    planes = jnp.matmul(k_Hx2L, _f32(np_forward_planes(2 * seq_len, seq_len)),
-                        precision=DFT_PRECISION)
-    return _split(planes, seq_len + 1)
+    return _to_planes(base.doubled_kernel(filt), seq_len)
 
 
 def _matmul(a: Array, b_np: np.ndarray) -> Array:
@@ -106,13 +102,25 @@ def _matmul(a: Array, b_np: np.ndarray) -> Array:
     return jnp.matmul(a, _f32(b_np), precision=DFT_PRECISION)
 
 
-def _times_spectrum(x_planes: Array, k_re: Array, k_im: Array, *, conjugate: bool = False
-                    ) -> Array:
-    """The complex product (or with conj(k)) of planes (..., 2F) by a spectrum (re, im), (R, F)."""
-    x_re, x_im = _split(x_planes, k_re.shape[-1])
+def _to_planes(x: Array, seq_len: int) -> tuple[Array, Array]:
+    """The size-2L DFT of x (..., S), S <= 2L samples (zero beyond), as planes (re, im), each
+    float32 (..., L + 1)."""
+    a = np_forward_planes(x.shape[-1], seq_len)
+    return _matmul(x, a[:, : seq_len + 1]), _matmul(x, a[:, seq_len + 1 :])
+
+
+def _from_planes(p_re: Array, p_im: Array, seq_len: int) -> Array:
+    """The first L samples of the inverse real DFT of (re, im) planes (..., L + 1): (..., L)."""
+    b = np_inverse_planes(seq_len)
+    return _matmul(p_re, b[: seq_len + 1]) + _matmul(p_im, b[seq_len + 1 :])
+
+
+def _times_spectrum(x_re: Array, x_im: Array, k_re: Array, k_im: Array, *,
+                    conjugate: bool = False) -> tuple[Array, Array]:
+    """The complex product (or with conj(k)) of planes (re, im), (..., F), by a spectrum (R, F)."""
     if conjugate:
         k_im = -k_im
-    return jnp.concatenate([x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re], axis=-1)
+    return x_re * k_re - x_im * k_im, x_re * k_im + x_im * k_re
 
 
 @jax.custom_vjp
@@ -123,9 +131,9 @@ def _spectral_conv(x_BxHxL: Array, k_re: Array, k_im: Array) -> Array:
 
 def _spectral_conv_fwd(x_BxHxL, k_re, k_im):
     seq_len = x_BxHxL.shape[-1]
-    x_planes = _matmul(x_BxHxL, np_forward_planes(seq_len, seq_len))
-    y = _matmul(_times_spectrum(x_planes, k_re, k_im), np_inverse_planes(seq_len))
-    return y, (x_planes, k_re, k_im)
+    x_re, x_im = _to_planes(x_BxHxL, seq_len)
+    y = _from_planes(*_times_spectrum(x_re, x_im, k_re, k_im), seq_len)
+    return y, (x_re, x_im, k_re, k_im)
 
 
 def _spectral_conv_bwd(residuals, g_BxHxL):
@@ -133,13 +141,14 @@ def _spectral_conv_bwd(residuals, g_BxHxL):
     # concatenation ran 2x slower than XLA's FFT path (docs/perf.md). The transposed DFT
     # matrices are constants of their own, so each backward stage is a plain (rows, K) x (K, N)
     # matmul like the forward's.
-    x_planes, k_re, k_im = residuals
+    x_re, x_im, k_re, k_im = residuals
     seq_len, bins = g_BxHxL.shape[-1], k_re.shape[-1]
-    g_planes = _matmul(g_BxHxL, np_inverse_planes(seq_len).T)
-    dx = _matmul(_times_spectrum(g_planes, k_re, k_im, conjugate=True),
-                 np_forward_planes(seq_len, seq_len).T)
-    (g_re, g_im), (x_re, x_im) = _split(g_planes, bins), _split(x_planes, bins)
-    lead = tuple(range(x_planes.ndim - 2))  # the axes k was broadcast over
+    b_t = np_inverse_planes(seq_len).T
+    g_re, g_im = _matmul(g_BxHxL, b_t[:, :bins]), _matmul(g_BxHxL, b_t[:, bins:])
+    a_t = np_forward_planes(seq_len, seq_len).T
+    d_re, d_im = _times_spectrum(g_re, g_im, k_re, k_im, conjugate=True)
+    dx = _matmul(d_re, a_t[:bins]) + _matmul(d_im, a_t[bins:])
+    lead = tuple(range(x_re.ndim - 2))  # the axes k was broadcast over
     dk_re = jnp.sum(g_re * x_re + g_im * x_im, axis=lead)
     dk_im = jnp.sum(g_im * x_re - g_re * x_im, axis=lead)
     return dx, dk_re, dk_im
