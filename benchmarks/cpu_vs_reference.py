@@ -17,7 +17,10 @@ after the other's measured the drift as much as the code. Then the same alternat
 filter memo off (`m2jax.filter_cache.MAX_BYTES = 0`: filters computed every call, as the
 reference does). Reported: the medians of each side and their ratio (the target), and the
 median, min and max of the per-round ratios. Both outputs are compared first (relative L2 error
-of the logits). Without the reference's venv or source the m2jax side still runs and the
+of the logits). Last, the call's matrix products alone (`matmul_floor.py`), each timed in m2jax
+then in torch, alternating product by product: their sum in m2jax is a floor under the m2jax
+call, so `reference ms / floor` bounds the speedup any arrangement of the rest of the call could
+reach with these matmuls on this host (`speedup_bound`). Without the reference's venv or source the m2jax side still runs and the
 reference columns say why they are empty. Prints a table; writes JSON.
 """
 
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import m2jax  # noqa: E402
 from m2jax import filter_cache  # noqa: E402
-from benchmarks import common  # noqa: E402
+from benchmarks import common, matmul_floor  # noqa: E402
 
 TORCH_TOKENS_PER_S_ISSUE_11 = {(8, 128): 959.0, (1, 2048): 621.0}  # measured when filed
 TARGET_SPEEDUP = {(8, 128): 1.2, (1, 2048): 1.5}
@@ -103,6 +106,13 @@ class ReferenceServer:
         self._ask(f"logits {path}")
         return np.load(path)
 
+    def matmuls(self, products: list[dict], repeats: int, path: str) -> list[float]:
+        """Median ms of each product alone in torch (`reference_forward.py`'s ``matmuls``)."""
+        with open(path, "w") as f:
+            json.dump([{"bmkn": p["bmkn"], "repeats": repeats} for p in products], f)
+        time.sleep(PAUSE_S)
+        return self._ask(f"matmuls {path}")["ms"]
+
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.stdin.write("exit\n")
@@ -125,6 +135,20 @@ def _ratios(ref_ms: list[float], m2_ms: list[float]) -> dict:
     return {"ratio_of_medians": statistics.median(ref_ms) / statistics.median(m2_ms),
             "per_round": per_round, "per_round_median": statistics.median(per_round),
             "per_round_min": min(per_round), "per_round_max": max(per_round)}
+
+
+def matmul_products(model, ids: np.ndarray, server: ReferenceServer | None, repeats: int,
+                    path: str) -> list[dict]:
+    """The call's products (`matmul_floor.forward_products`), each timed alone in m2jax and then
+    (with a server) in torch: `jax_ms` etc. as `matmul_floor.time_products`, `reference_ms`."""
+    timed = []
+    for product in matmul_floor.forward_products(model, ids):
+        time.sleep(PAUSE_S)
+        [row] = matmul_floor.time_products([product], repeats)
+        if server is not None:
+            [row["reference_ms"]] = server.matmuls([product], repeats, path)
+        timed.append(row)
+    return timed
 
 
 def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
@@ -160,6 +184,8 @@ def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
                                           reference_call, args.repeats)
             finally:
                 filter_cache.MAX_BYTES = limit
+            products = matmul_products(model, ids, server, args.repeats,
+                                       os.path.join(work, "matmuls.json"))
             if server is not None:
                 ref_logits = server.logits(os.path.join(work, "reference_logits.npy"))
                 row["reference_torch"] = server.info["torch"]
@@ -173,9 +199,14 @@ def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
     row["m2jax_tokens_per_s"] = batch * seq_len / row["m2jax_ms"] * 1e3
     row["m2jax_filters_every_call_ms"] = statistics.median(no_memo)
     row["m2jax_filters_every_call_times_ms"] = no_memo
+    row["matmul_products"] = products
+    row["matmul_gflop"] = sum(p["gflop"] for p in products)
+    row["m2jax_matmul_floor_ms"] = matmul_floor.floor_ms(products)
     if server is None:
         return row
+    row["reference_matmul_ms"] = matmul_floor.floor_ms(products, "reference_ms")
     row["reference_ms"] = statistics.median(ref)
+    row["speedup_bound"] = row["reference_ms"] / row["m2jax_matmul_floor_ms"]
     row["reference_times_ms"] = ref
     row["reference_times_ms_filters_every_call_rounds"] = ref2
     row["reference_tokens_per_s"] = batch * seq_len / row["reference_ms"] * 1e3
@@ -231,6 +262,13 @@ def main() -> None:
         ("speedup_per_round_median", "median of round ratios"), ("target_speedup", "target"), ("m2jax_filters_every_call_ms", "m2jax ms, filters every call"),
         ("speedup_filters_every_call", "ratio, filters every call"),
         ("logits_rel_err", "logits rel err")]))
+    print("\nThe call's matrix products alone (benchmarks/matmul_floor.py): m2jax's sum is a floor "
+          "under its call, so reference ms / floor bounds the speedup on this host.")
+    print(common.format_table(rows, [
+        ("batch", "B"), ("seq_len", "L"), ("matmul_gflop", "GFLOP/call"),
+        ("m2jax_matmul_floor_ms", "m2jax matmuls ms"), ("reference_matmul_ms", "torch matmuls ms"),
+        ("m2jax_ms", "m2jax call ms"), ("reference_ms", "reference call ms"),
+        ("speedup_bound", "bound on m2jax / reference")]))
     print(f"wrote {args.out}")
 
 

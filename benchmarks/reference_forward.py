@@ -14,6 +14,10 @@ the MLM head on all tokens. After loading, it runs one untimed call and prints o
 * ``call``: one timed forward; prints ``{"ms": ...}``;
 * ``logits PATH``: saves the last call's logits (float32 .npy) for the correctness check;
   prints ``{"saved": PATH}``;
+* ``matmuls PATH``: times matrix products alone, for `matmul_floor.py`'s comparison: PATH is a
+  JSON list of ``{"bmkn": [b, m, k, n], "repeats": r}``; each runs as ``torch.matmul`` of random
+  float32 (b, m, k) and (b, k, n) tensors (2-D when b = 1), median of r after one untimed call;
+  prints ``{"ms": [...]}``;
 * ``exit`` (or end of input): stops.
 """
 
@@ -35,6 +39,25 @@ from make_parity_fixtures import import_reference, load_saved_model  # noqa: E40
 
 def _reply(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
+
+
+def time_matmuls(products: list[dict]) -> list[float]:
+    """Median ms of each product alone (the ``matmuls`` command)."""
+    medians = []
+    for p in products:
+        b, m, k, n = p["bmkn"]
+        lhs, rhs = torch.randn(b, m, k), torch.randn(b, k, n)
+        if b == 1:
+            lhs, rhs = lhs[0], rhs[0]
+        times = []
+        with torch.no_grad():
+            for i in range(p["repeats"] + 1):
+                t0 = time.perf_counter()
+                torch.matmul(lhs, rhs)
+                if i:  # the first call is untimed
+                    times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(float(np.median(times)))
+    return medians
 
 
 def main() -> None:
@@ -67,6 +90,9 @@ def main() -> None:
         elif command == "logits":
             np.save(arg, logits.numpy().astype(np.float32))
             _reply({"saved": arg})
+        elif command == "matmuls":
+            with open(arg) as f:
+                _reply({"ms": time_matmuls(json.load(f))})
         elif command == "exit":
             break
         else:

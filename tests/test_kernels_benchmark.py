@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -75,10 +77,13 @@ def test_cpu_vs_reference_times_both_calls_and_says_why_the_reference_is_missing
         assert len(r["m2jax_times_ms"]) == 2 and r["m2jax_ms"] > 0
         assert r["m2jax_filters_every_call_ms"] > 0
         assert r["reference_note"].startswith("skipped: no PyTorch venv")
+        assert r["m2jax_matmul_floor_ms"] > 0 and "speedup_bound" not in r
+        assert all("reference_ms" not in p for p in r["matmul_products"])
 
 
 _FAKE_REFERENCE = """#!{python}
-# Speaks reference_forward.py's protocol without torch: every call "takes" 50 ms; logits ones.
+# Speaks reference_forward.py's protocol without torch: every call "takes" 50 ms, every product
+# 2 ms; logits ones.
 import json, os, sys, time
 import numpy as np
 argv = sys.argv
@@ -92,6 +97,9 @@ for line in sys.stdin:
     log.write(command + "\\n"); log.flush()
     if command == "call":
         print(json.dumps({{"ms": 50.0}}), flush=True)
+    elif command == "matmuls":
+        with open(arg) as f:
+            print(json.dumps({{"ms": [2.0] * len(json.load(f))}}), flush=True)
     elif command == "logits":
         np.save(arg, np.ones((*ids.shape, vocab), np.float32))
         print(json.dumps({{"saved": arg}}), flush=True)
@@ -119,7 +127,14 @@ def test_cpu_vs_reference_alternates_the_calls_of_both_sides(tmp_path):
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert log.read_text().split() == ["call"] * 6 + ["logits", "exit"]
+    products = row["matmul_products"]
+    assert log.read_text().split() == (["call"] * 6 + ["matmuls"] * len(products)
+                                       + ["logits", "exit"])
+    assert len(products) == 6 and all(p["reference_ms"] == 2.0 for p in products)
+    assert row["reference_matmul_ms"] == pytest.approx(2.0 * sum(p["count"] for p in products))
+    floor = sum(p["count"] * p["jax_ms"] for p in products)
+    assert row["m2jax_matmul_floor_ms"] == pytest.approx(floor)
+    assert row["speedup_bound"] == pytest.approx(50.0 / floor)
     assert row["reference_times_ms"] == [50.0] * 3
     assert row["reference_times_ms_filters_every_call_rounds"] == [50.0] * 3
     assert row["reference_torch"] == "fake" and row["reference_torch_threads"] == 2
