@@ -29,7 +29,7 @@ spectrum (`base.FilterSpectrum`), which the block then takes as it is. `SPECTRUM
 lists, per platform, the paths that run a spectrum: on CPU the dense DFT for short sequences
 (1.4-2.6x faster forward than XLA's FFTs at L <= 128, docs/perf.md), else the FFT.
 The dense DFT is not in ``auto``'s choice for `ConvFilter`s (training): its forward + backward
-ran at 0.9x the FFT path's speed on the same CPU.
+ran at 0.6-0.9x the FFT path's speed on the same CPU.
 """
 
 from __future__ import annotations

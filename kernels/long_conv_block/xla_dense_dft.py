@@ -5,7 +5,7 @@ matmul rate on every core, while XLA:CPU's FFTs of short rows spread poorly over
 of (8, 768) rows of 256 used 1.4 cores of 2: 3.6 ms, 4.3 ms on one core; docs/perf.md). The
 O(L^2) work per row beats the FFT's O(L log L) up to `MAX_SEQ_LEN` on the 2-core dev machine
 (docs/perf.md: the gated block's forward at L = 128 ran 1.3-1.9x faster than with XLA's FFTs; at
-L = 256 0.6-1.1x, at L = 512 0.5-0.6x). Forward + backward it ran at about 0.9x, so `auto` runs
+L = 256 0.6-1.1x, at L = 512 0.5-0.6x). Forward + backward it ran at 0.6-0.9x, so `auto` runs
 it for prepared filter spectra (inference) only.
 
 Real planes, no complex numbers: a signal's spectrum is ``[Re X_0..X_L, Im X_0..X_L]``, float32,
