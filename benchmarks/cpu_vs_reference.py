@@ -20,8 +20,9 @@ median, min and max of the per-round ratios. Both outputs are compared first (re
 of the logits). Last, the call's matrix products alone (`matmul_floor.py`), each timed in m2jax
 then in torch, alternating product by product: their sum in m2jax is a floor under the m2jax
 call, so `reference ms / floor` bounds the speedup any arrangement of the rest of the call could
-reach with these matmuls on this host (`speedup_bound`). Without the reference's venv or source the m2jax side still runs and the
-reference columns say why they are empty. Prints a table; writes JSON.
+reach with these matmuls on this host (`speedup_bound`). Without the reference's venv or source
+the m2jax side still runs and the reference columns say why they are empty. Prints tables;
+writes JSON.
 """
 
 from __future__ import annotations
@@ -259,7 +260,8 @@ def main() -> None:
         ("batch", "B"), ("seq_len", "L"), ("m2jax_ms", "m2jax ms"),
         ("m2jax_tokens_per_s", "m2jax tok/s"), ("reference_ms", "reference ms"),
         ("reference_tokens_per_s", "reference tok/s"), ("speedup", "m2jax / reference"),
-        ("speedup_per_round_median", "median of round ratios"), ("target_speedup", "target"), ("m2jax_filters_every_call_ms", "m2jax ms, filters every call"),
+        ("speedup_per_round_median", "median of round ratios"), ("target_speedup", "target"),
+        ("m2jax_filters_every_call_ms", "m2jax ms, filters every call"),
         ("speedup_filters_every_call", "ratio, filters every call"),
         ("logits_rel_err", "logits rel err")]))
     print("\nThe call's matrix products alone (benchmarks/matmul_floor.py): m2jax's sum is a floor "

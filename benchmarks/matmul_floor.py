@@ -110,7 +110,7 @@ def forward_products(model: nnx.Module, input_ids: np.ndarray) -> list[dict[str,
         b, m, k, n = product_dims(lhs, rhs, dn)
         products.append({
             "lhs_shape": list(lhs), "rhs_shape": list(rhs),
-            "dimension_numbers": [[list(dn[0][0]), list(dn[0][1])], [list(dn[1][0]), list(dn[1][1])]],
+            "dimension_numbers": [[list(axes) for axes in pair] for pair in dn],
             "dtype": dtype, "count": count, "bmkn": [b, m, k, n],
             "gflop": 2.0 * b * m * k * n * count / 1e9})
     return sorted(products, key=lambda p: -p["gflop"])
