@@ -7,6 +7,8 @@ of several calls. Inputs are random, never zeros.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -164,3 +166,28 @@ def print_summary(out_dir: str | os.PathLike) -> None:
             print(format_table(rows, [("L", "L"), ("m2", "M2-BERT tokens/ms"),
                                       ("bert", "BERT tokens/ms"), ("ratio", "M2 / BERT")]))
         print()
+
+
+def model_shapes_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The command line the 80M forward benchmarks share: --shapes, --model, --seed, --out."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="8x128,1x2048", help="comma-separated BxL")
+    p.add_argument("--model", default="m2-bert-base-80m", help="m2jax.get_model_config name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out)
+    return p
+
+
+def parse_args_and_shapes(p: argparse.ArgumentParser, positive: tuple[str, ...] = ()
+                          ) -> tuple[argparse.Namespace, list[tuple[int, int]]]:
+    """`p.parse_args()` and its --shapes parsed; exits with a usage error naming the flag for a
+    bad shape or a count in `positive` below 1."""
+    args = p.parse_args()
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    try:
+        return args, parse_shapes(args.shapes)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")

@@ -27,7 +27,6 @@ writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -224,20 +223,11 @@ def run_shape(batch: int, seq_len: int, args, missing: str | None) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="8x128,1x2048", help="comma-separated BxL")
-    p.add_argument("--model", default="m2-bert-base-80m", help="m2jax.get_model_config name")
+    p = common.model_shapes_parser(__doc__, "out/cpu_vs_reference.json")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference_python", default="/work/refenv/bin/python")
     p.add_argument("--reference", default="/work/refm2/bert")
-    p.add_argument("--out", default="out/cpu_vs_reference.json")
-    args = p.parse_args()
-    try:
-        shapes = common.parse_shapes(args.shapes)
-    except ValueError as e:
-        p.error(f"--shapes: {e}")
+    args, shapes = common.parse_args_and_shapes(p, positive=("repeats",))
 
     missing = _reference_missing(args.reference_python, args.reference)
     if missing:

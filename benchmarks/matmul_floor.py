@@ -22,7 +22,6 @@ times the call runs it. Prints a table per shape; writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import os
@@ -154,20 +153,9 @@ def floor_ms(timed: list[dict], key: str = "jax_ms") -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="8x128,1x2048", help="comma-separated BxL")
-    p.add_argument("--model", default="m2-bert-base-80m", help="m2jax.get_model_config name")
+    p = common.model_shapes_parser(__doc__, "out/matmul_floor.json")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/matmul_floor.json")
-    args = p.parse_args()
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1; got {args.repeats}")
-    try:
-        shapes = common.parse_shapes(args.shapes)
-    except ValueError as e:
-        p.error(f"--shapes: {e}")
+    args, shapes = common.parse_args_and_shapes(p, positive=("repeats",))
     env = common.environment()
     rows = []
     for b, l in shapes:

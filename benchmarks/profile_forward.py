@@ -23,7 +23,6 @@ instructions; writes all of it as JSON. Traced calls run a little slower than un
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -105,21 +104,10 @@ def profile_shape(model_name: str, batch: int, seq_len: int, calls: int, seed: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="8x128,1x2048", help="comma-separated BxL")
-    p.add_argument("--model", default="m2-bert-base-80m", help="m2jax.get_model_config name")
+    p = common.model_shapes_parser(__doc__, "out/profile_forward.json")
     p.add_argument("--calls", type=int, default=2, help="traced calls per shape")
     p.add_argument("--top", type=int, default=15, help="single operations listed per shape")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/profile_forward.json")
-    args = p.parse_args()
-    if args.calls < 1:
-        p.error(f"--calls must be >= 1; got {args.calls}")
-    try:
-        shapes = common.parse_shapes(args.shapes)
-    except ValueError as e:
-        p.error(f"--shapes: {e}")
+    args, shapes = common.parse_args_and_shapes(p, positive=("calls",))
 
     env = common.environment()
     rows = []
