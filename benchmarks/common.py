@@ -96,6 +96,13 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path
     return path
 
 
+def write_report(args, env: dict[str, Any], rows: list[dict[str, Any]]) -> pathlib.Path:
+    """The forward benchmarks' JSON at `args.out`: the environment (with the load average after
+    the run), the settings and the rows."""
+    env = {**env, "load_average_1m_after": os.getloadavg()[0]}
+    return write_json(args.out, {"environment": env, "settings": vars(args), "rows": rows})
+
+
 def plot_throughput(path: str | os.PathLike, series: dict[str, list[tuple[int, float]]],
                     ylabel: str, title: str) -> pathlib.Path | None:
     """tokens/ms vs L on a log-2 x axis; returns None (and says so) without matplotlib."""

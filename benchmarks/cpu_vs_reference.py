@@ -243,8 +243,7 @@ def main() -> None:
                  f"{r['speedup_per_round']['per_round_max']:.2f}x; logits rel err "
                  f"{r['logits_rel_err']:.1e})"
                  if "speedup" in r else f"; reference {r['reference_note']}"), flush=True)
-    env["load_average_1m_after"] = os.getloadavg()[0]
-    common.write_json(args.out, {"environment": env, "settings": vars(args), "rows": rows})
+    path = common.write_report(args, env, rows)
     print()
     print(common.format_table(rows, [
         ("batch", "B"), ("seq_len", "L"), ("m2jax_ms", "m2jax ms"),
@@ -261,7 +260,7 @@ def main() -> None:
         ("m2jax_matmul_floor_ms", "m2jax matmuls ms"), ("reference_matmul_ms", "torch matmuls ms"),
         ("m2jax_ms", "m2jax call ms"), ("reference_ms", "reference call ms"),
         ("speedup_bound", "bound on m2jax / reference")]))
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import pathlib
 import sys
 from typing import Any
@@ -175,9 +174,7 @@ def main() -> None:
             [("bmkn", "b x m x k x n"), ("count", "count"), ("gflop", "GFLOP/call"),
              ("as_traced_ms", "as traced ms"), ("plain_ms", "plain ms"),
              ("jax_gflop_per_s", "GFLOP/s")]))
-    env["load_average_1m_after"] = os.getloadavg()[0]
-    common.write_json(args.out, {"environment": env, "settings": vars(args), "rows": rows})
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_report(args, env, rows)}")
 
 
 if __name__ == "__main__":

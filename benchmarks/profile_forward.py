@@ -120,9 +120,7 @@ def main() -> None:
                                                 ("share", "share")]))
         print(common.format_table(r["top_operations"], [("operation", "operation"),
                                                         ("ms", "ms/call")]))
-    env["load_average_1m_after"] = os.getloadavg()[0]
-    common.write_json(args.out, {"environment": env, "settings": vars(args), "rows": rows})
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_report(args, env, rows)}")
 
 
 if __name__ == "__main__":
